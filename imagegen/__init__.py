@@ -1,0 +1,1 @@
+"""imagegen: an image-generation job service on aiohttp and SQLite."""

@@ -1,0 +1,133 @@
+"""Settings: config.toml, overridden by IMAGEGEN_<SECTION>__<KEY> environment variables."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "IMAGEGEN_"
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos: refuse them instead of silently running on a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    public_url: str = ""
+
+    @field_validator("public_url")
+    @classmethod
+    def _absolute_or_empty(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must be empty or start with http:// or https://")
+        return value.rstrip("/")
+
+
+class StorageSettings(_Section):
+    data_dir: Path = Path("./data")
+
+
+class WorkerSettings(_Section):
+    count: Annotated[int, Field(ge=1, le=256)] = 4
+    shutdown_grace_s: Annotated[float, Field(ge=0)] = 10.0
+
+
+class JobSettings(_Section):
+    max_images_per_job: Annotated[int, Field(ge=1, le=100)] = 10
+    animals: Annotated[tuple[str, ...], Field(min_length=1)] = (
+        "cat", "dog", "fox", "owl", "panda", "penguin", "rabbit", "bear", "frog", "lion",
+        "pig", "mouse", "koala", "tiger", "chick",
+    )
+
+
+class ProviderSettings(_Section):
+    name: str = "local"
+    delay_s: Annotated[float, Field(ge=0)] = 0.0
+    image_size: Annotated[int, Field(ge=64, le=2048)] = 512
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        from .providers import REGISTRY  # the registry imports this module
+
+        if value not in REGISTRY:
+            raise ValueError(f"unknown provider {value!r}; known: {', '.join(sorted(REGISTRY))}")
+        return value
+
+
+class Settings(_Section):
+    """Every setting of the service; see config.toml for what each one means."""
+
+    server: ServerSettings = ServerSettings()
+    storage: StorageSettings = StorageSettings()
+    workers: WorkerSettings = WorkerSettings()
+    jobs: JobSettings = JobSettings()
+    provider: ProviderSettings = ProviderSettings()
+
+    @property
+    def database_path(self) -> Path:
+        return self.storage.data_dir / "imagegen.sqlite3"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.storage.data_dir / "images"
+
+
+SETTINGS = web.AppKey("settings", Settings)
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the key and the problem."""
+
+
+def _env_value(raw: str) -> Any:
+    # Read the value as TOML so lists and numbers can be given; fall back to a plain string
+    # so IMAGEGEN_STORAGE__DATA_DIR=/srv/x works without quotes.
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        section, sep, key = name[len(ENV_PREFIX):].lower().partition("__")
+        if not sep or not section or not key:
+            raise ConfigError(f"{name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{name}: [{section}] is not a section")
+        target[key] = _env_value(raw)
+
+
+def load_settings(
+    path: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Read `path` (TOML; None means defaults only), apply the environment, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    _apply_env(data, os.environ if environ is None else environ)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"{key}: {first['msg']}{more}") from None

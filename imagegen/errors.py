@@ -1,0 +1,119 @@
+"""Domain errors and the one middleware that turns every error into application/problem+json."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class ApiError(Exception):
+    """Something went wrong."""
+
+    status = 500
+    title = "Internal Server Error"
+
+    def __init__(self, detail: str | None = None, **extra: Any) -> None:
+        # The docstring is the default detail, so each subclass is one line of meaning.
+        self.detail = detail or (self.__doc__ or self.title).strip()
+        self.extra = extra
+        super().__init__(self.detail)
+
+
+class InvalidRequest(ApiError):
+    """The request is invalid."""
+
+    status = 422
+    title = "Unprocessable Content"
+
+
+class MalformedRequest(ApiError):
+    """The request body is not valid JSON."""
+
+    status = 400
+    title = "Bad Request"
+
+
+class UnsupportedMediaType(ApiError):
+    """The request body must be application/json."""
+
+    status = 415
+    title = "Unsupported Media Type"
+
+
+class JobNotFound(ApiError):
+    """No job has this id."""
+
+    status = 404
+    title = "Not Found"
+
+
+class NotFound(ApiError):
+    """Nothing is here."""
+
+    status = 404
+    title = "Not Found"
+
+
+def invalid_fields(exc: ValidationError, where: str) -> InvalidRequest:
+    """An InvalidRequest that lists each field pydantic rejected, located in `where` (body, query, path)."""
+    errors = [
+        {
+            "name": ".".join(str(part) for part in err["loc"]) or where,
+            "in": where,
+            "reason": err["msg"],
+        }
+        for err in exc.errors(include_url=False, include_input=False)
+    ]
+    summary = "; ".join(f"{e['name']}: {e['reason']}" for e in errors)
+    return InvalidRequest(f"Invalid {where}: {summary}", invalid_params=errors)
+
+
+def problem_response(
+    status: int, title: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
+) -> web.Response:
+    """An RFC 9457 problem details response."""
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    body.update({_camel(key): value for key, value in extra.items()})
+    return web.Response(
+        status=status, text=json.dumps(body), content_type=PROBLEM_JSON, headers=headers
+    )
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+@web.middleware
+async def problem_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Map ApiError and aiohttp's own HTTP errors to problem+json; hide the rest behind a 500."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return problem_response(exc.status, exc.title, exc.detail, **exc.extra)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        if exc.status == 405:
+            detail = f"{request.method} is not allowed here; allowed: {headers.get('Allow', '')}"
+        elif exc.status == 404:
+            detail = f"No route for {request.path}"
+        return problem_response(exc.status, exc.reason, detail, headers=headers)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return problem_response(
+            500, "Internal Server Error", "The server failed to handle this request."
+        )

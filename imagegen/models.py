@@ -1,0 +1,128 @@
+"""The API's concepts as pydantic models: one model per concept, used from SQLite row to JSON."""
+
+from __future__ import annotations
+
+import enum
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SerializationInfo,
+    computed_field,
+    field_serializer,
+)
+from pydantic.alias_generators import to_camel
+
+
+def utc_now() -> datetime:
+    """The current time, truncated to the milliseconds the API shows."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def format_time(value: datetime) -> str:
+    """ISO 8601 UTC with milliseconds and Z, the one time format of the API and the database."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+# Parsing is pydantic's; writing goes through format_time so every timestamp has milliseconds.
+Timestamp = Annotated[datetime, PlainSerializer(format_time, return_type=str)]
+
+
+class JobStatus(enum.StrEnum):
+    """Where a job is in its life; schema.sql lists the allowed transitions."""
+
+    PENDING = "pending"  # committed, waiting for a worker
+    PROCESSING = "processing"  # a worker is drawing its images
+    COMPLETED = "completed"  # every image is stored (terminal)
+    FAILED = "failed"  # the provider failed it; see `error` (terminal)
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED)
+
+
+class _CamelModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+
+class CreateJob(_CamelModel):
+    """Body of POST /generations."""
+
+    # strict: `true` and "3" are not numbers of images; unknown fields are mistakes.
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=False, extra="forbid", strict=True, frozen=True
+    )
+
+    num_images: int = Field(ge=1, description="How many images to draw (1 to max_images_per_job).")
+    animal: str | None = Field(
+        default=None, description="One of the configured animals; drawn at random when absent."
+    )
+
+
+class JobError(_CamelModel):
+    """Why a job failed."""
+
+    code: str = Field(description="Machine-readable reason, e.g. provider_error.")
+    message: str = Field(description="What went wrong, in words a user can act on.")
+
+
+class Progress(_CamelModel):
+    """How many of the job's images are stored."""
+
+    done: int
+    total: int
+
+
+class Job(_CamelModel):
+    """A generation job: the row in SQLite, and the body of GET /generations/{jobId}."""
+
+    job_id: str
+    status: JobStatus
+    num_images: int
+    animal: str
+    # Stored image paths relative to data_dir; the API shows them as absolute URLs.
+    images: tuple[str, ...] = Field(serialization_alias="imageUrls")
+    attempts: int = Field(exclude=True)
+    error: JobError | None
+    created_at: Timestamp
+    updated_at: Timestamp
+    started_at: Timestamp | None
+    completed_at: Timestamp | None
+
+    @computed_field  # derived from the stored images, never stored itself
+    @property
+    def progress(self) -> Progress:
+        return Progress(done=len(self.images), total=self.num_images)
+
+    @field_serializer("images")
+    def _image_urls(self, images: tuple[str, ...], info: SerializationInfo) -> list[str]:
+        # The base URL depends on the request (or server.public_url), so it comes in the
+        # serialisation context rather than living in the model.
+        base = (info.context or {}).get("base_url", "")
+        return [f"{base}/images/{self.job_id}/{index}.png" for index in range(len(images))]
+
+    @classmethod
+    def from_row(cls, row: Any) -> Job:
+        """Build a Job from a `SELECT * FROM jobs` row (sqlite3.Row)."""
+        error = None
+        if row["error_code"] is not None:
+            error = JobError(code=row["error_code"], message=row["error_message"])
+        return cls(
+            job_id=row["id"],
+            status=row["status"],
+            num_images=row["num_images"],
+            animal=row["animal"],
+            images=json.loads(row["images"]),
+            attempts=row["attempts"],
+            error=error,
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            started_at=row["started_at"],
+            completed_at=row["completed_at"],
+        )

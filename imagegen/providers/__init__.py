@@ -1,0 +1,76 @@
+"""Image providers: the one strategy of the service, chosen by `[provider] name`.
+
+A provider turns one ImageRequest into PNG bytes. It knows nothing of HTTP routes, the
+database or the queue. Each registry entry is a factory that opens the provider for the
+app's lifetime (an async context manager, so a provider can own a client session).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiohttp import web
+
+from ..config import SETTINGS, ProviderSettings
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image to draw: the index-th image of a job."""
+
+    job_id: str
+    index: int
+    animal: str
+    size: int
+
+    @property
+    def seed(self) -> int:
+        """A stable seed per (job, index): the same request draws the same picture."""
+        digest = hashlib.sha256(f"{self.job_id}:{self.index}".encode()).digest()
+        return int.from_bytes(digest[:8], "big")
+
+
+class ProviderError(Exception):
+    """The provider could not draw the image."""
+
+    code = "provider_error"
+
+    def __init__(self, message: str | None = None, *, code: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+        if code is not None:
+            self.code = code
+
+
+class ImageProvider(Protocol):
+    """Draws images."""
+
+    async def generate(self, request: ImageRequest) -> bytes:
+        """Return the PNG bytes of the requested image, or raise ProviderError."""
+        ...
+
+
+ProviderFactory = Callable[[ProviderSettings], AbstractAsyncContextManager[ImageProvider]]
+
+
+def _local(settings: ProviderSettings) -> AbstractAsyncContextManager[ImageProvider]:
+    from .local import LocalProvider
+
+    return contextlib.nullcontext(LocalProvider(settings))
+
+
+REGISTRY: dict[str, ProviderFactory] = {"local": _local}
+
+PROVIDER = web.AppKey("provider", ImageProvider)
+
+
+async def provider_context(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: the configured provider is open while the app runs."""
+    settings = app[SETTINGS].provider
+    async with REGISTRY[settings.name](settings) as provider:
+        app[PROVIDER] = provider
+        yield

@@ -1,0 +1,32 @@
+"""The default provider: draws a picture of the job's animal offline with Pillow."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+from ..config import ProviderSettings
+from . import ImageRequest, ProviderError
+from .local_art import ANIMALS, draw
+
+
+class LocalProvider:
+    """Deterministic cartoon animals: the same job and index always give the same PNG."""
+
+    def __init__(self, settings: ProviderSettings) -> None:
+        self._delay_s = settings.delay_s
+
+    async def generate(self, request: ImageRequest) -> bytes:
+        if request.animal not in ANIMALS:
+            raise ProviderError(f"The local provider cannot draw a {request.animal!r}", code="unknown_animal")
+        if self._delay_s:
+            await asyncio.sleep(self._delay_s)  # simulated provider latency, by configuration
+        # Drawing and PNG encoding take tens of milliseconds of CPU: keep them off the loop.
+        return await asyncio.to_thread(_render_png, request)
+
+
+def _render_png(request: ImageRequest) -> bytes:
+    image = draw(request.animal, request.seed, request.size)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()

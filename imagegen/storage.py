@@ -1,0 +1,41 @@
+"""Image files on disk, under `<data_dir>/images/<jobId>/<index>.png`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from aiohttp import web
+
+
+class ImageStore:
+    """Writes image files atomically and resolves the relative paths the database keeps."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self._data_dir = data_dir
+
+    async def save(self, job_id: str, index: int, data: bytes) -> str:
+        """Store one image durably; return its path relative to data_dir."""
+        relative = f"images/{job_id}/{index}.png"
+        await asyncio.to_thread(_write_atomically, self._data_dir / relative, data)
+        return relative
+
+    def path(self, relative: str) -> Path:
+        """The file behind a path the database recorded."""
+        return self._data_dir / relative
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    # Write, fsync, rename: a crash leaves either no file or the whole file, never a torn PNG
+    # that the database already points at (the database records the path only after this).
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+
+
+IMAGES = web.AppKey("images", ImageStore)

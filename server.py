@@ -1,0 +1,49 @@
+"""Run imagegen: python server.py [--config PATH] [--host H] [--port P]."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from imagegen.app import create_app
+from imagegen.config import ConfigError, load_settings
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.toml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="imagegen: the image-generation job service")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML settings file")
+    parser.add_argument("--host", help="listen address (overrides server.host)")
+    parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"imagegen: configuration error: {exc}", file=sys.stderr)
+        return 2
+    server = settings.server.model_copy(
+        update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    )
+    settings = settings.model_copy(update={"server": server})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # shutdown_timeout bounds how long open requests may hold a graceful stop.
+    web.run_app(
+        create_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        shutdown_timeout=settings.workers.shutdown_grace_s,
+        access_log=None,
+        print=lambda _: logging.getLogger("imagegen").info(
+            "serving on http://%s:%d", settings.server.host, settings.server.port
+        ),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The worker pool: concurrency, provider failures, progress as images land."""
+
+from __future__ import annotations
+
+from aiohttp.test_utils import TestClient
+
+from imagegen.jobs import JOBS
+
+from .conftest import create_job, db_rows, wait_for_status
+
+
+async def test_many_jobs_all_complete_with_a_small_pool(make_client, tmp_path) -> None:
+    client = await make_client(workers={"count": 2})
+    ids = [await create_job(client, numImages=2) for _ in range(12)]
+    await client.app[JOBS].queue.join()  # the real signal: every queued id was processed
+    rows = db_rows(tmp_path / "data", "SELECT status, json_array_length(images) AS n FROM jobs")
+    assert [(r["status"], r["n"]) for r in rows] == [("completed", 2)] * 12
+    # Exactly one completion event per job.
+    events = db_rows(tmp_path / "data", "SELECT job_id FROM events WHERE name = 'job.completed'")
+    assert sorted(e["job_id"] for e in events) == sorted(ids)
+
+
+async def test_provider_error_fails_the_job_and_the_worker_goes_on(make_client) -> None:
+    client = await make_client(workers={"count": 1}, jobs={"animals": ["cat", "unicorn"]})
+    bad = await create_job(client, animal="unicorn")
+    good = await create_job(client, animal="cat")
+    failed = await wait_for_status(client, bad, {"failed", "completed"})
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] == "unknown_animal"
+    assert "unicorn" in failed["error"]["message"]
+    assert failed["imageUrls"] == [] and failed["completedAt"]
+    assert (await wait_for_status(client, good, {"failed", "completed"}))["status"] == "completed"
+
+
+async def test_progress_and_urls_fill_in_as_images_are_stored(make_client, tmp_path) -> None:
+    client = await make_client(provider={"delay_s": 0.05})
+    job_id = await create_job(client, numImages=3)
+    await wait_for_status(client, job_id, {"completed"})
+    snapshots = db_rows(
+        tmp_path / "data",
+        "SELECT name, json_extract(job, '$.images') AS images FROM events WHERE job_id = ? ORDER BY seq",
+        (job_id,),
+    )
+    assert [s["name"] for s in snapshots] == [
+        "job.created", "job.processing", "job.progress", "job.progress", "job.progress", "job.completed",
+    ]
+    import json
+
+    assert [len(json.loads(s["images"])) for s in snapshots] == [0, 0, 1, 2, 3, 3]
+
+
+async def test_the_database_refuses_illegal_transitions(client: TestClient, tmp_path) -> None:
+    import sqlite3
+
+    import pytest
+
+    job_id = await create_job(client)
+    await wait_for_status(client, job_id, {"completed"})
+    conn = sqlite3.connect(tmp_path / "data" / "imagegen.sqlite3")
+    with pytest.raises(sqlite3.IntegrityError, match="illegal job status transition"):
+        conn.execute("UPDATE jobs SET status = 'pending' WHERE id = ?", (job_id,))
+    conn.close()
