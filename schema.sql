@@ -19,10 +19,12 @@ CREATE TABLE IF NOT EXISTS jobs (
                  CHECK (status IN ('pending', 'processing', 'completed', 'failed')),
     num_images   INTEGER NOT NULL CHECK (num_images >= 1),
     animal       TEXT    NOT NULL,                  -- what the provider draws
+    prompt       TEXT,                              -- the client's optional free text, added to the provider's prompt
     images       TEXT    NOT NULL DEFAULT '[]',     -- JSON array of stored image paths, relative to data_dir, in index order
     attempts     INTEGER NOT NULL DEFAULT 0,        -- how many times a worker claimed the job; fences late results
     error_code   TEXT,                              -- machine-readable failure reason; NULL unless failed
     error_message TEXT,                             -- human-readable failure reason; NULL unless failed
+    error_retryable INTEGER,                        -- 1 if the failure was transient (timeouts, 429, 5xx); NULL unless failed
     created_at   TEXT    NOT NULL,                  -- ISO 8601 UTC with milliseconds and Z, like every *_at
     updated_at   TEXT    NOT NULL,                  -- last change of any column
     started_at   TEXT,                              -- first claim by a worker

@@ -53,6 +53,16 @@ class ProviderSettings(_Section):
     name: str = "local"
     delay_s: Annotated[float, Field(ge=0)] = 0.0
     image_size: Annotated[int, Field(ge=64, le=2048)] = 512
+    prompt_template: str = "A cute cartoon {animal}, friendly sticker illustration, soft pastel background"
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _names_the_animal(cls, value: str) -> str:
+        try:
+            value.format(animal="cat")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"must be a template using only {{animal}}: {exc}") from None
+        return value
 
     @field_validator("name")
     @classmethod

@@ -33,8 +33,8 @@ MAX_BATCH = 512
 # --- queries -------------------------------------------------------------------------------
 
 INSERT_JOB = """
-INSERT INTO jobs (id, num_images, animal, created_at, updated_at)
-VALUES (?, ?, ?, ?, ?)
+INSERT INTO jobs (id, num_images, animal, prompt, created_at, updated_at)
+VALUES (?, ?, ?, ?, ?, ?)
 RETURNING *
 """
 
@@ -65,7 +65,7 @@ RETURNING *
 """
 
 FAIL_JOB = """
-UPDATE jobs SET status = 'failed', error_code = ?1, error_message = ?2,
+UPDATE jobs SET status = 'failed', error_code = ?1, error_message = ?2, error_retryable = ?6,
        completed_at = ?3, updated_at = ?3
 WHERE id = ?4 AND status = 'processing' AND attempts = ?5
 RETURNING *

@@ -136,7 +136,7 @@ class JobService:
 
     # --- changes ---------------------------------------------------------------------------
 
-    async def create(self, num_images: int, animal: str | None) -> Job:
+    async def create(self, num_images: int, animal: str | None, prompt: str | None = None) -> Job:
         """Commit a new pending job and queue it for the workers."""
         limit = self._settings.max_images_per_job
         if num_images > limit:
@@ -152,7 +152,7 @@ class JobService:
                 invalid_params=[{"name": "animal", "in": "body", "reason": "not a configured animal"}],
             )
         now = format_time(utc_now())
-        params = (str(uuid.uuid4()), num_images, animal, now, now)
+        params = (str(uuid.uuid4()), num_images, animal, prompt, now, now)
         (event,) = await self._db.write(_event_op("job.created", db.INSERT_JOB, params))
         return event.job
 
@@ -169,9 +169,9 @@ class JobService:
         """processing -> completed, once every image is recorded."""
         return await self._change("job.completed", db.COMPLETE_JOB, (_now(), job.job_id, job.attempts))
 
-    async def fail(self, job: Job, code: str, message: str) -> Job | None:
+    async def fail(self, job: Job, code: str, message: str, retryable: bool = False) -> Job | None:
         """processing -> failed with the reason."""
-        params = (code, message, _now(), job.job_id, job.attempts)
+        params = (code, message, _now(), job.job_id, job.attempts, int(retryable))
         return await self._change("job.failed", db.FAIL_JOB, params)
 
     async def release(self, job: Job) -> Job | None:

@@ -34,6 +34,10 @@ def format_time(value: datetime) -> str:
 Timestamp = Annotated[datetime, PlainSerializer(format_time, return_type=str)]
 
 
+# Long enough for a scene description, short enough to keep rows and provider calls small.
+PROMPT_MAX_LENGTH = 500
+
+
 class JobStatus(enum.StrEnum):
     """Where a job is in its life; schema.sql lists the allowed transitions."""
 
@@ -63,6 +67,12 @@ class CreateJob(_CamelModel):
     animal: str | None = Field(
         default=None, description="One of the configured animals; drawn at random when absent."
     )
+    prompt: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=PROMPT_MAX_LENGTH,
+        description="Optional free text added to the provider's prompt for this animal.",
+    )
 
 
 class JobError(_CamelModel):
@@ -70,6 +80,7 @@ class JobError(_CamelModel):
 
     code: str = Field(description="Machine-readable reason, e.g. provider_error.")
     message: str = Field(description="What went wrong, in words a user can act on.")
+    retryable: bool = Field(description="Whether the failure was transient (a retry might succeed).")
 
 
 class Progress(_CamelModel):
@@ -86,6 +97,7 @@ class Job(_CamelModel):
     status: JobStatus
     num_images: int
     animal: str
+    prompt: str | None
     # Stored image paths relative to data_dir; the API shows them as absolute URLs.
     images: tuple[str, ...] = Field(serialization_alias="imageUrls")
     attempts: int = Field(exclude=True)
@@ -112,12 +124,17 @@ class Job(_CamelModel):
         """Build a Job from a `SELECT * FROM jobs` row (sqlite3.Row)."""
         error = None
         if row["error_code"] is not None:
-            error = JobError(code=row["error_code"], message=row["error_message"])
+            error = JobError(
+                code=row["error_code"],
+                message=row["error_message"],
+                retryable=bool(row["error_retryable"]),
+            )
         return cls(
             job_id=row["id"],
             status=row["status"],
             num_images=row["num_images"],
             animal=row["animal"],
+            prompt=row["prompt"],
             images=json.loads(row["images"]),
             attempts=row["attempts"],
             error=error,

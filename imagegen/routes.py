@@ -59,7 +59,7 @@ async def create_generation(request: web.Request) -> web.Response:
         if any(err["type"] == "json_invalid" for err in exc.errors()):
             raise MalformedRequest(f"The body is not valid JSON: {exc.errors()[0]['msg']}") from None
         raise invalid_fields(exc, "body") from None
-    job = await request.app[JOBS].create(spec.num_images, spec.animal)
+    job = await request.app[JOBS].create(spec.num_images, spec.animal, spec.prompt)
     base = _base_url(request)
     return web.json_response(
         {"jobId": job.job_id, "status": job.status.value},

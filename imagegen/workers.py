@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from .config import SETTINGS
+from .config import SETTINGS, ProviderSettings
 from .jobs import JOBS, JobService
 from .models import Job
-from .providers import PROVIDER, ImageProvider, ImageRequest, ProviderError
+from .providers import PROVIDER, ImageProvider, ImageRequest, ProviderError, render_prompt
 from .storage import IMAGES, ImageStore
 
 log = logging.getLogger(__name__)
@@ -21,12 +21,12 @@ class WorkerPool:
     """Named worker tasks that take job ids from the queue, one job at a time each."""
 
     def __init__(
-        self, jobs: JobService, provider: ImageProvider, images: ImageStore, image_size: int
+        self, jobs: JobService, provider: ImageProvider, images: ImageStore, settings: ProviderSettings
     ) -> None:
         self._jobs = jobs
         self._provider = provider
         self._images = images
-        self._image_size = image_size
+        self._settings = settings
         self._tasks: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -92,8 +92,9 @@ class WorkerPool:
         current: Job | None = job
         try:
             # A recovered job keeps the images it already stored: draw only the rest.
+            prompt = render_prompt(self._settings.prompt_template, job.animal, job.prompt)
             for index in range(len(job.images), job.num_images):
-                request = ImageRequest(job.job_id, index, job.animal, self._image_size)
+                request = ImageRequest(job.job_id, index, job.animal, self._settings.image_size, prompt)
                 data = await self._provider.generate(request)
                 path = await self._images.save(job.job_id, index, data)
                 current = await self._jobs.add_image(current, path)
@@ -102,7 +103,7 @@ class WorkerPool:
             await self._jobs.complete(current)
         except ProviderError as exc:
             log.warning("job %s failed: %s: %s", job.job_id, exc.code, exc)
-            await self._jobs.fail(current, exc.code, str(exc))
+            await self._jobs.fail(current, exc.code, str(exc), exc.retryable)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -116,7 +117,7 @@ WORKERS = web.AppKey("workers", WorkerPool)
 async def workers_context(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: workers run while the app runs and stop first (contexts unwind in reverse)."""
     settings = app[SETTINGS]
-    pool = WorkerPool(app[JOBS], app[PROVIDER], app[IMAGES], settings.provider.image_size)
+    pool = WorkerPool(app[JOBS], app[PROVIDER], app[IMAGES], settings.provider)
     pool.start(settings.workers.count)
     app[WORKERS] = pool
     yield

@@ -45,6 +45,7 @@ def test_environment_overrides_config() -> None:
         ({"IMAGEGEN_JOBS__ANIMALS": "[]"}, "jobs.animals"),
         ({"IMAGEGEN_SERVER__PUBLIC_URL": "example.com"}, "server.public_url"),
         ({"IMAGEGEN_NOSECTION": "1"}, "IMAGEGEN_NOSECTION"),
+        ({"IMAGEGEN_PROVIDER__PROMPT_TEMPLATE": "a {dog}"}, "provider.prompt_template"),
     ],
 )
 def test_bad_settings_name_the_key(env: dict[str, str], message: str) -> None:

@@ -25,6 +25,13 @@ async def test_create_answers_202_and_commits_before_answering(client: TestClien
     assert event["name"] == "job.created"
 
 
+async def test_prompt_is_kept_with_the_job(client: TestClient) -> None:
+    response = await client.post("/generations", json={"numImages": 1, "prompt": "wearing a tiny hat"})
+    job_id = (await response.json())["jobId"]
+    job = await (await client.get(f"/generations/{job_id}")).json()
+    assert job["prompt"] == "wearing a tiny hat"
+
+
 async def test_animal_defaults_to_a_configured_one(make_client) -> None:
     client = await make_client(jobs={"animals": ["frog"]})
     response = await client.post("/generations", json={"numImages": 1})
@@ -53,6 +60,9 @@ async def test_animal_defaults_to_a_configured_one(make_client) -> None:
         ("{not json", 400, None),
         ("", 400, None),
         ('{"numImages": 99999999999999999999999}', 422, "numImages"),
+        ('{"numImages": 1, "prompt": ""}', 422, "prompt"),
+        ('{"numImages": 1, "prompt": 5}', 422, "prompt"),
+        ('{"numImages": 1, "prompt": "' + "x" * 501 + '"}', 422, "prompt"),
     ],
 )
 async def test_bad_bodies_get_a_problem_and_write_nothing(

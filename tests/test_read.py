@@ -17,10 +17,10 @@ async def test_completed_job_has_the_full_shape(client: TestClient) -> None:
     job_id = await create_job(client, numImages=3, animal="cat")
     job = await wait_for_status(client, job_id, {"completed"})
     assert set(job) == {
-        "jobId", "status", "numImages", "animal", "imageUrls", "createdAt", "updatedAt",
+        "jobId", "status", "numImages", "animal", "prompt", "imageUrls", "createdAt", "updatedAt",
         "startedAt", "completedAt", "error", "progress",
     }
-    assert job["numImages"] == 3 and job["animal"] == "cat" and job["error"] is None
+    assert job["numImages"] == 3 and job["animal"] == "cat" and job["error"] is None and job["prompt"] is None
     assert job["progress"] == {"done": 3, "total": 3}
     base = str(client.make_url("")).rstrip("/")
     assert job["imageUrls"] == [f"{base}/images/{job_id}/{i}.png" for i in range(3)]

@@ -26,7 +26,7 @@ async def test_provider_error_fails_the_job_and_the_worker_goes_on(make_client) 
     good = await create_job(client, animal="cat")
     failed = await wait_for_status(client, bad, {"failed", "completed"})
     assert failed["status"] == "failed"
-    assert failed["error"]["code"] == "unknown_animal"
+    assert failed["error"]["code"] == "unknown_animal" and failed["error"]["retryable"] is False
     assert "unicorn" in failed["error"]["message"]
     assert failed["imageUrls"] == [] and failed["completedAt"]
     assert (await wait_for_status(client, good, {"failed", "completed"}))["status"] == "completed"

@@ -27,6 +27,7 @@ class ImageRequest:
     index: int
     animal: str
     size: int
+    prompt: str  # what to draw, in words: the configured template over the animal plus the job's prompt
 
     @property
     def seed(self) -> int:
@@ -39,11 +40,31 @@ class ProviderError(Exception):
     """The provider could not draw the image."""
 
     code = "provider_error"
+    # Transient failures (timeouts, 429, 5xx, lost connections) may succeed when retried;
+    # the rest (bad request, refused credentials, content policy) never will.
+    retryable = False
 
-    def __init__(self, message: str | None = None, *, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        code: str | None = None,
+        retryable: bool | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message or (self.__doc__ or "").strip())
         if code is not None:
             self.code = code
+        if retryable is not None:
+            self.retryable = retryable
+        # Seconds the provider asked us to wait (a 429's Retry-After), if it said.
+        self.retry_after = retry_after
+
+
+def render_prompt(template: str, animal: str, extra: str | None) -> str:
+    """The prompt for one job: the configured template over its animal, then its own words."""
+    prompt = template.format(animal=animal)
+    return f"{prompt}. {extra}" if extra else prompt
 
 
 class ImageProvider(Protocol):
