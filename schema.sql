@@ -49,7 +49,16 @@ END;
 CREATE TABLE IF NOT EXISTS events (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT, -- global, strictly increasing event id
     job_id     TEXT    NOT NULL,                  -- jobs.id (no foreign key: events outlive deleted jobs until pruned)
-    name       TEXT    NOT NULL,                  -- job.created, job.processing, job.progress, job.completed, job.failed
+    name       TEXT    NOT NULL,                  -- job.created, job.processing, job.progress, job.completed, job.failed, job.requeued
     job        TEXT    NOT NULL,                  -- JSON snapshot of the job row right after the change
     created_at TEXT    NOT NULL
+);
+
+-- A job's own stream replays its events by id.
+CREATE INDEX IF NOT EXISTS events_job_seq ON events (job_id, seq);
+
+-- Small facts about the database itself.
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY, -- events_pruned_through: the highest event id deleted by retention
+    value INTEGER NOT NULL
 );

@@ -7,9 +7,10 @@ from aiohttp import web
 from .config import SETTINGS, Settings
 from .db import database_context
 from .errors import problem_middleware
+from .events import end_streams, events_context
 from .jobs import jobs_context
 from .providers import provider_context
-from .routes import add_routes
+from . import routes, streams
 from .storage import IMAGES, ImageStore
 from .workers import begin_stopping_workers, workers_context
 
@@ -23,8 +24,21 @@ def create_app(settings: Settings) -> web.Application:
     # so the workers stop before the provider closes and the database closes last.
     app.cleanup_ctx.append(database_context(settings.database_path))
     app.cleanup_ctx.append(jobs_context)
+    app.cleanup_ctx.append(events_context)
     app.cleanup_ctx.append(provider_context)
     app.cleanup_ctx.append(workers_context)
+    app.on_shutdown.append(end_streams)
     app.on_shutdown.append(begin_stopping_workers)
-    add_routes(app)
+    _add_routes(app.router)
     return app
+
+
+def _add_routes(router: web.UrlDispatcher) -> None:
+    # No implicit HEAD routes: what is served is exactly what is documented.
+    router.add_post("/generations", routes.create_generation)
+    router.add_get("/generations", routes.list_generations, allow_head=False)
+    # The event streams go before {jobId}: "events" would otherwise be taken for a job id.
+    router.add_get("/generations/events", streams.stream_all, allow_head=False)
+    router.add_get("/generations/{jobId}/events", streams.stream_job, allow_head=False)
+    router.add_get("/generations/{jobId}", routes.get_generation, allow_head=False)
+    router.add_get(r"/images/{jobId}/{index:\d+}.png", routes.get_image, allow_head=False)

@@ -74,6 +74,14 @@ class ProviderSettings(_Section):
         return value
 
 
+class EventSettings(_Section):
+    heartbeat_s: Annotated[float, Field(gt=0)] = 15.0
+    subscriber_buffer: Annotated[int, Field(ge=1)] = 1000
+    retention: Annotated[int, Field(ge=1)] = 100_000
+    prune_interval_s: Annotated[float, Field(gt=0)] = 60.0
+    retry_ms: Annotated[int, Field(ge=0)] = 2000
+
+
 class Settings(_Section):
     """Every setting of the service; see config.toml for what each one means."""
 
@@ -82,6 +90,7 @@ class Settings(_Section):
     workers: WorkerSettings = WorkerSettings()
     jobs: JobSettings = JobSettings()
     provider: ProviderSettings = ProviderSettings()
+    events: EventSettings = EventSettings()
 
     @property
     def database_path(self) -> Path:

@@ -83,6 +83,26 @@ PENDING_JOB_IDS = "SELECT id FROM jobs WHERE status = 'pending' ORDER BY seq"
 
 INSERT_EVENT = "INSERT INTO events (job_id, name, job, created_at) VALUES (?, ?, ?, ?) RETURNING seq"
 
+# Replay pages: events after an id, in commit order.
+EVENTS_AFTER = "SELECT seq, name, job FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
+JOB_EVENTS_AFTER = "SELECT seq, name, job FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+LATEST_JOB_EVENT = "SELECT seq, name, job FROM events WHERE job_id = ? ORDER BY seq DESC LIMIT 1"
+
+# What a resuming client can be given: ids above `pruned` and up to `latest`.
+EVENT_HORIZON = """
+SELECT (SELECT coalesce(max(seq), 0) FROM events) AS latest,
+       coalesce((SELECT value FROM meta WHERE key = 'events_pruned_through'), 0) AS pruned
+"""
+LATEST_EVENT_SEQ = "SELECT coalesce(max(seq), 0) AS latest FROM events"
+
+# Keep the newest `retention` events; remember the highest id deleted, so resuming below it
+# is known to have missed events even once the table is empty.
+PRUNE_EVENTS = "DELETE FROM events WHERE seq <= ?"
+SET_PRUNED_THROUGH = """
+INSERT INTO meta (key, value) VALUES ('events_pruned_through', ?1)
+ON CONFLICT (key) DO UPDATE SET value = max(value, ?1)
+"""
+
 
 # --- connections ---------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import random
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiosqlite
@@ -31,6 +31,26 @@ class JobEvent:
     seq: int
     name: str
     job: Job
+    # The event as an SSE frame, per base URL: thousands of subscribers share one rendering.
+    _frames: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+
+    def frame(self, base_url: str) -> bytes:
+        """This event as a server-sent-events frame, its data the job as GET would show it."""
+        frame = self._frames.get(base_url)
+        if frame is None:
+            data = self.job.model_dump_json(by_alias=True, context={"base_url": base_url})
+            frame = f"id: {self.seq}\nevent: {self.name}\ndata: {data}\n\n".encode()
+            self._frames[base_url] = frame
+        return frame
+
+    @classmethod
+    def from_row(cls, row: Any) -> JobEvent:
+        """From an events row: (seq, name, job snapshot as JSON)."""
+        return cls(row["seq"], row["name"], Job.from_row(json.loads(row["job"])))
+
+    @property
+    def terminal(self) -> bool:
+        return self.job.status.terminal
 
 
 def committed_events(results: list[Any]) -> Iterator[JobEvent]:

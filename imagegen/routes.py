@@ -28,12 +28,13 @@ class ListQuery(BaseModel):
     status: JobStatus | None = None
 
 
-def _base_url(request: web.Request) -> str:
+def base_url(request: web.Request) -> str:
+    """The base of absolute URLs: server.public_url, else the request's own scheme and host."""
     return request.app[SETTINGS].server.public_url or f"{request.scheme}://{request.host}"
 
 
-def _job_json(job: Job, base_url: str) -> str:
-    return job.model_dump_json(by_alias=True, context={"base_url": base_url})
+def _job_json(job: Job, base: str) -> str:
+    return job.model_dump_json(by_alias=True, context={"base_url": base})
 
 
 def _single_query(request: web.Request) -> dict[str, str]:
@@ -60,7 +61,7 @@ async def create_generation(request: web.Request) -> web.Response:
             raise MalformedRequest(f"The body is not valid JSON: {exc.errors()[0]['msg']}") from None
         raise invalid_fields(exc, "body") from None
     job = await request.app[JOBS].create(spec.num_images, spec.animal, spec.prompt)
-    base = _base_url(request)
+    base = base_url(request)
     return web.json_response(
         {"jobId": job.job_id, "status": job.status.value},
         status=202,
@@ -71,7 +72,7 @@ async def create_generation(request: web.Request) -> web.Response:
 async def get_generation(request: web.Request) -> web.Response:
     """GET /generations/{jobId}: the job as it is now."""
     job = await request.app[JOBS].get(parse_job_id(request.match_info["jobId"]))
-    return web.Response(text=_job_json(job, _base_url(request)), content_type=JSON)
+    return web.Response(text=_job_json(job, base_url(request)), content_type=JSON)
 
 
 async def list_generations(request: web.Request) -> web.Response:
@@ -88,7 +89,7 @@ async def list_generations(request: web.Request) -> web.Response:
     except ValidationError as exc:
         raise invalid_fields(exc, "query") from None
     page: JobPage = await request.app[JOBS].list(params.limit, params.cursor, params.status)
-    base = _base_url(request)
+    base = base_url(request)
     jobs = ",".join(_job_json(job, base) for job in page.jobs)
     return web.Response(
         text=f'{{"jobs":[{jobs}],"nextCursor":{json.dumps(page.next_cursor)}}}', content_type=JSON
@@ -110,13 +111,3 @@ async def get_image(request: web.Request) -> web.FileResponse:
     return web.FileResponse(
         path, headers={"Cache-Control": "public, max-age=31536000, immutable", "Content-Type": "image/png"}
     )
-
-
-def add_routes(app: web.Application) -> None:
-    """Register every route; no implicit HEAD routes, so what is served is what is documented."""
-    router = app.router
-    router.add_post("/generations", create_generation)
-    router.add_get("/generations", list_generations, allow_head=False)
-    router.add_get("/generations/{jobId}", get_generation, allow_head=False)
-    router.add_get(r"/images/{jobId}/{index:\d+}.png", get_image, allow_head=False)
-

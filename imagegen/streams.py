@@ -1,0 +1,212 @@
+"""Server-sent-event streams of job changes: every job's, or one job's, resumable by id."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+from .config import SETTINGS
+from .errors import InvalidRequest
+from .events import BROADCASTER, EVENT_LOG, Subscription
+from .jobs import JOBS, JobEvent, parse_job_id
+from .models import Job
+from .routes import base_url
+
+# Ids are SQLite integers; anything longer than this is not one of ours.
+_MAX_ID_DIGITS = 18
+
+# Kernel send buffer per stream. Linux lets a socket's buffer grow to megabytes, which times
+# thousands of streams is gigabytes held for clients that stopped reading. Events are small
+# and infrequent, so a small buffer costs nothing, and a stalled client's writes block soon,
+# its subscription overflows, and it is cut off (it resumes by id).
+STREAM_SEND_BUFFER = 64 * 1024
+
+
+class _StreamEnded(Exception):
+    """The stream has sent all it will send."""
+
+
+def _last_event_id(request: web.Request) -> int | None:
+    """The id to resume after: the Last-Event-ID header (EventSource sets it on reconnect),
+    else ?lastEventId= for clients that cannot set headers."""
+    for key in request.query:
+        if key != "lastEventId":
+            raise InvalidRequest(
+                f"unknown query parameter {key}",
+                invalid_params=[{"name": key, "in": "query", "reason": "unknown parameter"}],
+            )
+    raw = request.headers.get("Last-Event-ID")
+    where = "header"
+    if raw is None:
+        raw, where = request.query.get("lastEventId"), "query"
+    if raw is None or raw.strip() == "":
+        return None
+    raw = raw.strip()
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= _MAX_ID_DIGITS):
+        raise InvalidRequest(
+            "Last-Event-ID must be an event id this service sent (a whole number)",
+            invalid_params=[{"name": "Last-Event-ID", "in": where, "reason": "not an event id"}],
+        )
+    return int(raw)
+
+
+def _plain_frame(name: str, data: dict[str, Any], seq: int | None = None) -> bytes:
+    head = f"id: {seq}\n" if seq is not None else ""
+    return f"{head}event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+class _Stream:
+    """One open event stream: its response, its subscription, and the last id it sent."""
+
+    def __init__(self, request: web.Request, subscription: Subscription) -> None:
+        settings = request.app[SETTINGS].events
+        self.request = request
+        self.subscription = subscription
+        self.base = base_url(request)
+        self.sent = 0
+        self.response = EventSourceResponse(ping_interval=settings.heartbeat_s)
+        self._retry_ms = settings.retry_ms
+
+    async def open(self) -> None:
+        sock = self.request.transport.get_extra_info("socket") if self.request.transport else None
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
+        await self.response.prepare(self.request)
+        # A subscriber cut off for falling behind may be stuck writing to a stalled peer:
+        # abort the connection so that write fails now rather than at the TCP timeout.
+        transport = self.request.transport
+        self.subscription.on_overflow = transport.abort if transport is not None else None
+        # aiohttp-sse's heartbeat task ends when a write to the client fails: that is how an
+        # idle stream learns its client is gone, and it must then stop waiting for events.
+        watcher = asyncio.ensure_future(self.response.wait())
+        watcher.add_done_callback(lambda _: self.subscription.close("disconnected"))
+        await self.response.write(f"retry: {self._retry_ms}\n\n".encode())
+
+    async def send(self, event: JobEvent) -> None:
+        if event.seq > self.sent:
+            await self.response.write(event.frame(self.base))
+            self.sent = event.seq
+
+    async def send_plain(self, name: str, data: dict[str, Any], seq: int | None = None) -> None:
+        await self.response.write(_plain_frame(name, data, seq))
+        if seq is not None:
+            self.sent = seq
+
+    async def send_state(self, job: Job) -> None:
+        """A job's current state, as `job.state`. It carries no id: ids belong to committed
+        events, and the stream's position is already set by the event before it."""
+        data = job.model_dump_json(by_alias=True, context={"base_url": self.base})
+        await self.response.write(f"event: job.state\ndata: {data}\n\n".encode())
+
+    async def live(self, stop_after_terminal: bool) -> None:
+        """Forward live events until the subscription closes (shutdown, disconnect, overflow)."""
+        while (event := await self.subscription.next()) is not None:
+            if event.seq <= self.sent:
+                continue  # already sent during replay
+            await self.send(event)
+            if stop_after_terminal and event.terminal:
+                return
+
+    async def reset(self, latest: int, reason: str) -> None:
+        """The client's id is beyond what we retain: say so, and move it to `latest`."""
+        await self.send_plain("reset", {"reason": reason, "lastEventId": latest}, latest)
+
+
+async def _serve(stream: _Stream, body: Any) -> web.StreamResponse:
+    try:
+        await stream.open()
+        await body(stream)
+    except (ConnectionResetError, _StreamEnded):
+        pass  # the client left, or the stream said all it had to say
+    finally:
+        stream.subscription.close("done")
+        if stream.response.prepared:
+            stream.response.stop_streaming()
+    return stream.response
+
+
+async def stream_all(request: web.Request) -> web.StreamResponse:
+    """GET /generations/events: every job's changes, resumable by Last-Event-ID."""
+    last_id = _last_event_id(request)
+    broadcaster = request.app[BROADCASTER]
+    event_log = request.app[EVENT_LOG]
+    jobs = request.app[JOBS]
+    # Subscribe before reading the table: whatever commits after the read is in the buffer.
+    subscription = broadcaster.subscribe()
+
+    async def body(stream: _Stream) -> None:
+        latest, pruned = await event_log.horizon()
+        if last_id is None:
+            # Give the client an id at once, so a drop before the first change loses nothing.
+            await stream.send_plain("ready", {"lastEventId": latest}, latest)
+        elif last_id < pruned or last_id > latest:
+            await stream.reset(latest, "the requested id is no longer retained")
+            cursor = None
+            while True:  # the current state of every job it follows: all of them
+                page = await jobs.list(200, cursor, None)
+                for job in page.jobs:
+                    await stream.send_state(job)
+                cursor = page.next_cursor
+                if cursor is None:
+                    break
+        else:
+            stream.sent = last_id
+            async for event in event_log.after(last_id):
+                await stream.send(event)
+        await stream.live(stop_after_terminal=False)
+
+    try:
+        return await _serve(_Stream(request, subscription), body)
+    finally:
+        broadcaster.unsubscribe(subscription)
+
+
+async def stream_job(request: web.Request) -> web.StreamResponse:
+    """GET /generations/{jobId}/events: the job's current state, then its changes, until it ends."""
+    job_id = parse_job_id(request.match_info["jobId"])
+    last_id = _last_event_id(request)
+    jobs = request.app[JOBS]
+    event_log = request.app[EVENT_LOG]
+    broadcaster = request.app[BROADCASTER]
+    job = await jobs.get(job_id)  # 404 before any stream starts: EventSource then stops for good
+    subscription = broadcaster.subscribe(job_id)
+    try:
+        latest_of_job = await event_log.latest_of(job_id)
+        if job.status.terminal and last_id is not None and latest_of_job and latest_of_job.seq <= last_id:
+            # The client already has the final event: 204 tells EventSource not to reconnect.
+            return web.Response(status=204)
+
+        async def body(stream: _Stream) -> None:
+            latest, pruned = await event_log.horizon()
+            if last_id is not None and pruned <= last_id <= latest:
+                stream.sent = last_id
+                async for event in event_log.after(last_id, job_id):
+                    await stream.send(event)
+                    if event.terminal:
+                        raise _StreamEnded
+            else:
+                if last_id is not None:
+                    await stream.reset(latest, "the requested id is no longer retained")
+                # The job's latest event is its current state: the row and the event were
+                # committed together.
+                current = await event_log.latest_of(job_id)
+                if current is not None:
+                    await stream.send(current)
+                    if current.terminal:
+                        raise _StreamEnded
+                else:  # its events were pruned: send the row itself
+                    state = await jobs.get(job_id)
+                    stream.sent = latest
+                    await stream.send_state(state)
+                    if state.status.terminal:
+                        raise _StreamEnded
+            await stream.live(stop_after_terminal=True)
+
+        return await _serve(_Stream(request, subscription), body)
+    finally:
+        broadcaster.unsubscribe(subscription)
