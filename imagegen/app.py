@@ -10,7 +10,7 @@ from .errors import problem_middleware
 from .events import end_streams, events_context
 from .jobs import jobs_context
 from .providers import provider_context
-from . import routes, streams
+from . import page, routes, streams
 from .storage import IMAGES, ImageStore
 from .workers import begin_stopping_workers, workers_context
 
@@ -27,6 +27,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(events_context)
     app.cleanup_ctx.append(provider_context)
     app.cleanup_ctx.append(workers_context)
+    app.cleanup_ctx.append(page.page_context)
     app.on_shutdown.append(end_streams)
     app.on_shutdown.append(begin_stopping_workers)
     _add_routes(app.router)
@@ -35,6 +36,7 @@ def create_app(settings: Settings) -> web.Application:
 
 def _add_routes(router: web.UrlDispatcher) -> None:
     # No implicit HEAD routes: what is served is exactly what is documented.
+    router.add_get("/", page.index, allow_head=False)
     router.add_post("/generations", routes.create_generation)
     router.add_get("/generations", routes.list_generations, allow_head=False)
     # The event streams go before {jobId}: "events" would otherwise be taken for a job id.

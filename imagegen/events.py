@@ -106,7 +106,7 @@ class Broadcaster:
         for event in committed_events(results):
             for subscription in list(self._all):
                 subscription.push(event)
-            for subscription in list(self._by_job.get(event.job.job_id, ())):
+            for subscription in list(self._by_job.get(event.job_id, ())):
                 subscription.push(event)
 
     def close_all(self) -> None:
@@ -155,10 +155,10 @@ class EventLog:
         """Delete all but the newest `retention` events; return the new pruned-through id."""
         cutoff = await self.latest() - self._retention
 
-        async def op(conn: Any) -> int:
+        def op(conn: Any) -> int:
             if cutoff > 0:
-                await conn.execute_fetchall(db.PRUNE_EVENTS, (cutoff,))
-                await conn.execute_fetchall(db.SET_PRUNED_THROUGH, (cutoff,))
+                conn.execute(db.PRUNE_EVENTS, (cutoff,))
+                conn.execute(db.SET_PRUNED_THROUGH, (cutoff,))
             return cutoff
 
         return await self._db.write(op)

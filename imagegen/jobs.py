@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import base64
+import functools
 import binascii
 import json
 import random
 import re
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiosqlite
 from aiohttp import web
 
 from . import db
 from .config import SETTINGS, JobSettings
 from .errors import InvalidRequest, JobNotFound
-from .models import Job, JobStatus, format_time, utc_now
+from .models import Job, JobStatus, now_text
 
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
@@ -30,23 +32,29 @@ class JobEvent:
 
     seq: int
     name: str
-    job: Job
+    job_id: str
+    snapshot: str  # the job's row as JSON, exactly as committed with this event
     # The event as an SSE frame, per base URL: thousands of subscribers share one rendering.
     _frames: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+
+    @functools.cached_property
+    def job(self) -> Job:
+        # Parsed on first use: most events of a busy server (a create with nobody streaming)
+        # are never looked at beyond their job id.
+        return Job.from_row(json.loads(self.snapshot))
 
     def frame(self, base_url: str) -> bytes:
         """This event as a server-sent-events frame, its data the job as GET would show it."""
         frame = self._frames.get(base_url)
         if frame is None:
-            data = self.job.model_dump_json(by_alias=True, context={"base_url": base_url})
-            frame = f"id: {self.seq}\nevent: {self.name}\ndata: {data}\n\n".encode()
+            frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (self.seq, self.name.encode(), self.job.to_json(base_url))
             self._frames[base_url] = frame
         return frame
 
     @classmethod
     def from_row(cls, row: Any) -> JobEvent:
-        """From an events row: (seq, name, job snapshot as JSON)."""
-        return cls(row["seq"], row["name"], Job.from_row(json.loads(row["job"])))
+        """From an events row: (seq, name, job_id, job snapshot as JSON)."""
+        return cls(row["seq"], row["name"], row["job_id"], row["job"])
 
     @property
     def terminal(self) -> bool:
@@ -97,21 +105,26 @@ def decode_cursor(cursor: str) -> int:
         ) from None
 
 
-def _event_op(name: str, sql: str, params: tuple[Any, ...]) -> db.WriteOp[list[JobEvent]]:
-    """A write op: one conditional statement ... RETURNING, and an event `name` for each row it
-    changed, in the same transaction."""
+def _event_op(name: str, job_id: str, sql: str, params: tuple[Any, ...]) -> db.WriteOp[list[tuple[Any, ...]]]:
+    """A write op: one conditional statement on job `job_id`, its row count checked, and if it
+    changed the row, the event `name` in the same transaction. Returns the raw event rows."""
 
-    async def op(conn: aiosqlite.Connection) -> list[JobEvent]:
-        events = []
-        for row in await conn.execute_fetchall(sql, params):
-            snapshot = json.dumps(dict(row))
-            ((seq,),) = await conn.execute_fetchall(
-                db.INSERT_EVENT, (row["id"], name, snapshot, row["updated_at"])
-            )
-            events.append(JobEvent(seq, name, Job.from_row(row)))
-        return events
+    def op(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+        if conn.execute(sql, params).rowcount != 1:
+            return []  # the condition did not hold (e.g. the job moved on): nothing happened
+        return conn.execute(db.INSERT_EVENT, (name, job_id)).fetchall()
 
     return op
+
+
+def _to_events(rows: list[tuple[Any, ...]]) -> list[JobEvent]:
+    # Runs on the event loop after the commit, keeping Python work off the writer's thread,
+    # where every microsecond holds up the whole batch.
+    return [JobEvent.from_row(row) for row in rows]
+
+
+# How many jobs the service keeps in memory for reads (a few MB at most).
+RECENT_JOBS = 10_000
 
 
 class JobService:
@@ -123,20 +136,41 @@ class JobService:
         # Job ids waiting for a worker. The database is the truth: this queue is rebuilt
         # from the pending jobs at every start.
         self.queue: asyncio.Queue[str] = asyncio.Queue()
-        database.after_commit.append(self._enqueue_created)
+        # The most recently used jobs, as last committed, so that polling skips the database.
+        # Every commit refreshes its jobs here (after_commit), so an entry is never older than
+        # what a reader connection would return.
+        # Kept as each job's latest event, whose job is parsed only when first read.
+        self._recent: collections.OrderedDict[str, JobEvent] = collections.OrderedDict()
+        database.after_commit.append(self._on_commit)
 
-    def _enqueue_created(self, results: list[Any]) -> None:
-        # Fed from the commit itself, not from the creating request: a request cancelled
-        # after its job committed must not leave the job waiting until the next restart.
+    def _on_commit(self, results: list[Any]) -> None:
         for event in committed_events(results):
+            self._remember(event)
+            # Queued from the commit itself, not from the creating request: a request
+            # cancelled after its job committed must not leave the job waiting for a restart.
             if event.name == "job.created":
                 self.queue.put_nowait(event.job.job_id)
+
+    def _remember(self, event: JobEvent) -> None:
+        self._recent[event.job_id] = event
+        self._recent.move_to_end(event.job_id)
+        if len(self._recent) > RECENT_JOBS:
+            self._recent.popitem(last=False)
 
     # --- reads -----------------------------------------------------------------------------
 
     async def find(self, job_id: str) -> Job | None:
+        latest = self._recent.get(job_id)
+        if latest is not None:
+            self._recent.move_to_end(job_id)
+            return latest.job
         row = await self._db.fetch_one(db.SELECT_JOB, (job_id,))
-        return None if row is None else Job.from_row(row)
+        if row is None:
+            return None
+        # A commit that landed while we read has already put the newer state in _recent; a
+        # job read from its row is not cached (only committed events are), so none is stale.
+        latest = self._recent.get(job_id)
+        return latest.job if latest is not None else Job.from_row(row)
 
     async def get(self, job_id: str) -> Job:
         job = await self.find(job_id)
@@ -156,8 +190,8 @@ class JobService:
 
     # --- changes ---------------------------------------------------------------------------
 
-    async def create(self, num_images: int, animal: str | None, prompt: str | None = None) -> Job:
-        """Commit a new pending job and queue it for the workers."""
+    async def create(self, num_images: int, animal: str | None, prompt: str | None = None) -> str:
+        """Commit a new pending job and queue it for the workers; return its id."""
         limit = self._settings.max_images_per_job
         if num_images > limit:
             raise InvalidRequest(
@@ -171,49 +205,49 @@ class JobService:
                 f"animal must be one of {', '.join(self._settings.animals)}",
                 invalid_params=[{"name": "animal", "in": "body", "reason": "not a configured animal"}],
             )
-        now = format_time(utc_now())
+        now = now_text()
         params = (str(uuid.uuid4()), num_images, animal, prompt, now, now)
-        (event,) = await self._db.write(_event_op("job.created", db.INSERT_JOB, params))
-        return event.job
+        await self._db.write(_event_op("job.created", params[0], db.INSERT_JOB, params), _to_events)
+        return params[0]
 
     async def claim(self, job_id: str) -> Job | None:
         """pending -> processing; None if the job is no longer pending."""
-        return await self._change("job.processing", db.CLAIM_JOB, (_now(), job_id))
+        return await self._change("job.processing", job_id, db.CLAIM_JOB, (now_text(), job_id))
 
     async def add_image(self, job: Job, path: str) -> Job | None:
         """Record the next stored image; None if this attempt no longer owns the job."""
-        params = (path, _now(), job.job_id, job.attempts, len(job.images))
-        return await self._change("job.progress", db.ADD_IMAGE, params)
+        params = (path, now_text(), job.job_id, job.attempts, len(job.images))
+        return await self._change("job.progress", job.job_id, db.ADD_IMAGE, params)
 
     async def complete(self, job: Job) -> Job | None:
         """processing -> completed, once every image is recorded."""
-        return await self._change("job.completed", db.COMPLETE_JOB, (_now(), job.job_id, job.attempts))
+        return await self._change("job.completed", job.job_id, db.COMPLETE_JOB, (now_text(), job.job_id, job.attempts))
 
     async def fail(self, job: Job, code: str, message: str, retryable: bool = False) -> Job | None:
         """processing -> failed with the reason."""
-        params = (code, message, _now(), job.job_id, job.attempts, int(retryable))
-        return await self._change("job.failed", db.FAIL_JOB, params)
+        params = (code, message, now_text(), job.job_id, job.attempts, int(retryable))
+        return await self._change("job.failed", job.job_id, db.FAIL_JOB, params)
 
     async def release(self, job: Job) -> Job | None:
         """processing -> pending: a shutdown hands the job back for the next start."""
-        return await self._change("job.requeued", db.RELEASE_JOB, (_now(), job.job_id, job.attempts))
+        return await self._change("job.requeued", job.job_id, db.RELEASE_JOB, (now_text(), job.job_id, job.attempts))
 
     async def recover(self) -> int:
         """At start-up: jobs left processing by a crash go back to pending, and every pending
         job is queued in creation order. Returns how many were queued."""
-        await self._db.write(_event_op("job.requeued", db.RECOVER_JOBS, (_now(),)))
+        def requeue_all(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            ids = [row[0] for row in conn.execute(db.RECOVER_JOBS, (now_text(),)).fetchall()]
+            return [event for job_id in ids for event in conn.execute(db.INSERT_EVENT, ("job.requeued", job_id))]
+
+        await self._db.write(requeue_all, _to_events)
         rows = await self._db.fetch_all(db.PENDING_JOB_IDS)
         for row in rows:
             self.queue.put_nowait(row["id"])
         return len(rows)
 
-    async def _change(self, name: str, sql: str, params: tuple[Any, ...]) -> Job | None:
-        events = await self._db.write(_event_op(name, sql, params))
+    async def _change(self, name: str, job_id: str, sql: str, params: tuple[Any, ...]) -> Job | None:
+        events = await self._db.write(_event_op(name, job_id, sql, params), _to_events)
         return events[0].job if events else None
-
-
-def _now() -> str:
-    return format_time(utc_now())
 
 
 JOBS = web.AppKey("jobs", JobService)

@@ -11,7 +11,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PlainSerializer,
+    PrivateAttr,
     SerializationInfo,
     computed_field,
     field_serializer,
@@ -19,19 +19,15 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 
-def utc_now() -> datetime:
-    """The current time, truncated to the milliseconds the API shows."""
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+def now_text() -> str:
+    """The current time as ISO 8601 UTC with milliseconds and Z: the one time format of the
+    API and the database."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
-def format_time(value: datetime) -> str:
-    """ISO 8601 UTC with milliseconds and Z, the one time format of the API and the database."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
-
-
-# Parsing is pydantic's; writing goes through format_time so every timestamp has milliseconds.
-Timestamp = Annotated[datetime, PlainSerializer(format_time, return_type=str)]
+# Stored in SQLite already in the API's format (ISO 8601 UTC, milliseconds, Z), so a job goes
+# from row to JSON without parsing and re-formatting every timestamp on every read.
+Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 
 
 # Long enough for a scene description, short enough to keep rows and provider calls small.
@@ -106,6 +102,16 @@ class Job(_CamelModel):
     updated_at: Timestamp
     started_at: Timestamp | None
     completed_at: Timestamp | None
+    # This job's JSON per base URL: a job object never changes, so it is rendered once.
+    _json: dict[str, bytes] = PrivateAttr(default_factory=dict)
+
+    def to_json(self, base_url: str) -> bytes:
+        """The job as GET /generations/{jobId} shows it, with image URLs under `base_url`."""
+        rendered = self._json.get(base_url)
+        if rendered is None:
+            rendered = self.model_dump_json(by_alias=True, context={"base_url": base_url}).encode()
+            self._json[base_url] = rendered
+        return rendered
 
     @computed_field  # derived from the stored images, never stored itself
     @property
@@ -121,21 +127,25 @@ class Job(_CamelModel):
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
-        """Build a Job from a `SELECT * FROM jobs` row (sqlite3.Row)."""
+        """Build a Job from a `SELECT * FROM jobs` row (sqlite3.Row, or a dict of one).
+
+        The row is trusted (the schema's types and CHECKs hold), so validation is skipped:
+        this runs for every change and every read.
+        """
         error = None
         if row["error_code"] is not None:
-            error = JobError(
+            error = JobError.model_construct(
                 code=row["error_code"],
                 message=row["error_message"],
                 retryable=bool(row["error_retryable"]),
             )
-        return cls(
+        return cls.model_construct(
+            status=JobStatus(row["status"]),
             job_id=row["id"],
-            status=row["status"],
             num_images=row["num_images"],
             animal=row["animal"],
             prompt=row["prompt"],
-            images=json.loads(row["images"]),
+            images=tuple(json.loads(row["images"])),
             attempts=row["attempts"],
             error=error,
             created_at=row["created_at"],

@@ -33,10 +33,6 @@ def base_url(request: web.Request) -> str:
     return request.app[SETTINGS].server.public_url or f"{request.scheme}://{request.host}"
 
 
-def _job_json(job: Job, base: str) -> str:
-    return job.model_dump_json(by_alias=True, context={"base_url": base})
-
-
 def _single_query(request: web.Request) -> dict[str, str]:
     query: dict[str, str] = {}
     for key, value in request.query.items():
@@ -60,19 +56,19 @@ async def create_generation(request: web.Request) -> web.Response:
         if any(err["type"] == "json_invalid" for err in exc.errors()):
             raise MalformedRequest(f"The body is not valid JSON: {exc.errors()[0]['msg']}") from None
         raise invalid_fields(exc, "body") from None
-    job = await request.app[JOBS].create(spec.num_images, spec.animal, spec.prompt)
-    base = base_url(request)
-    return web.json_response(
-        {"jobId": job.job_id, "status": job.status.value},
+    job_id = await request.app[JOBS].create(spec.num_images, spec.animal, spec.prompt)
+    return web.Response(
         status=202,
-        headers={"Location": f"{base}/generations/{job.job_id}"},
+        body=b'{"jobId":"%s","status":"pending"}' % job_id.encode(),
+        content_type=JSON,
+        headers={"Location": f"{base_url(request)}/generations/{job_id}"},
     )
 
 
 async def get_generation(request: web.Request) -> web.Response:
     """GET /generations/{jobId}: the job as it is now."""
     job = await request.app[JOBS].get(parse_job_id(request.match_info["jobId"]))
-    return web.Response(text=_job_json(job, base_url(request)), content_type=JSON)
+    return web.Response(body=job.to_json(base_url(request)), content_type=JSON)
 
 
 async def list_generations(request: web.Request) -> web.Response:
@@ -90,10 +86,9 @@ async def list_generations(request: web.Request) -> web.Response:
         raise invalid_fields(exc, "query") from None
     page: JobPage = await request.app[JOBS].list(params.limit, params.cursor, params.status)
     base = base_url(request)
-    jobs = ",".join(_job_json(job, base) for job in page.jobs)
-    return web.Response(
-        text=f'{{"jobs":[{jobs}],"nextCursor":{json.dumps(page.next_cursor)}}}', content_type=JSON
-    )
+    jobs = b",".join(job.to_json(base) for job in page.jobs)
+    cursor = json.dumps(page.next_cursor).encode()
+    return web.Response(body=b'{"jobs":[%s],"nextCursor":%s}' % (jobs, cursor), content_type=JSON)
 
 
 async def get_image(request: web.Request) -> web.FileResponse:

@@ -100,8 +100,7 @@ class _Stream:
     async def send_state(self, job: Job) -> None:
         """A job's current state, as `job.state`. It carries no id: ids belong to committed
         events, and the stream's position is already set by the event before it."""
-        data = job.model_dump_json(by_alias=True, context={"base_url": self.base})
-        await self.response.write(f"event: job.state\ndata: {data}\n\n".encode())
+        await self.response.write(b"event: job.state\ndata: %s\n\n" % job.to_json(self.base))
 
     async def live(self, stop_after_terminal: bool) -> None:
         """Forward live events until the subscription closes (shutdown, disconnect, overflow)."""

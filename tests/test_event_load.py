@@ -19,21 +19,14 @@ from .sse import SSEReader
 
 async def test_a_subscription_that_falls_behind_is_closed_and_others_keep_receiving() -> None:
     from imagegen.jobs import JobEvent
-    from imagegen.models import Job, utc_now
 
-    now = utc_now()
-    job = Job(
-        job_id="00000000-0000-4000-8000-000000000001", status="processing", num_images=10, animal="cat",
-        prompt=None, images=(), attempts=1, error=None, created_at=now, updated_at=now,
-        started_at=now, completed_at=None,
-    )
     broadcaster = Broadcaster(buffer=3)
     slow, fast = broadcaster.subscribe(), broadcaster.subscribe()
     overflowed = []
     slow.on_overflow = lambda: overflowed.append(True)
     received = []
     for seq in range(1, 11):
-        broadcaster.publish([[JobEvent(seq, "job.progress", job)]])
+        broadcaster.publish([[JobEvent(seq, "job.progress", "00000000-0000-4000-8000-000000000001", "{}")]])
         received.append((await fast.next()).seq)
     assert received == list(range(1, 11))
     assert slow.closed == "overflow" and overflowed == [True]

@@ -1,0 +1,31 @@
+"""GET /: the live page, a single static file with the configured animals filled in."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from .config import SETTINGS
+
+PAGE_PATH = Path(__file__).resolve().parent / "static" / "index.html"
+
+PAGE = web.AppKey("page", str)
+
+
+async def page_context(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: read and fill in the page once, at start-up."""
+    settings = app[SETTINGS].jobs
+    template = await asyncio.to_thread(PAGE_PATH.read_text, encoding="utf-8")
+    config = {"animals": list(settings.animals), "maxImagesPerJob": settings.max_images_per_job}
+    # json.dumps output is a valid JS literal; "</" is escaped so no value can close the script.
+    app[PAGE] = template.replace("__IMAGEGEN_CONFIG__", json.dumps(config).replace("</", "<\\/"))
+    yield
+
+
+async def index(request: web.Request) -> web.Response:
+    """GET /: the page that submits jobs and shows them live."""
+    return web.Response(text=request.app[PAGE], content_type="text/html")
