@@ -15,9 +15,14 @@ from .storage import IMAGES, ImageStore
 from .workers import begin_stopping_workers, workers_context
 
 
+# A create request is a few hundred bytes (a prompt is at most 500 characters): anything far
+# bigger is a mistake or an attack, refused with 413 before it is read.
+MAX_BODY_BYTES = 16 * 1024
+
+
 def create_app(settings: Settings) -> web.Application:
     """Build the app; its resources open on startup and close in reverse order on cleanup."""
-    app = web.Application(middlewares=[problem_middleware], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[problem_middleware], client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app[IMAGES] = ImageStore(settings.storage.data_dir)
     # Order matters: each context needs the ones before it, and they unwind in reverse,
@@ -43,4 +48,6 @@ def _add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/generations/events", streams.stream_all, allow_head=False)
     router.add_get("/generations/{jobId}/events", streams.stream_job, allow_head=False)
     router.add_get("/generations/{jobId}", routes.get_generation, allow_head=False)
+    router.add_delete("/generations/{jobId}", routes.delete_generation)
+    router.add_post("/generations/{jobId}/cancel", routes.cancel_generation)
     router.add_get(r"/images/{jobId}/{index:\d+}.png", routes.get_image, allow_head=False)

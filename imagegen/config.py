@@ -39,6 +39,7 @@ class StorageSettings(_Section):
 class WorkerSettings(_Section):
     count: Annotated[int, Field(ge=1, le=256)] = 4
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 10.0
+    max_pending: Annotated[int, Field(ge=1)] = 1000
 
 
 class JobSettings(_Section):
@@ -47,12 +48,21 @@ class JobSettings(_Section):
         "cat", "dog", "fox", "owl", "panda", "penguin", "rabbit", "bear", "frog", "lion",
         "pig", "mouse", "koala", "tiger", "chick",
     )
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    retry_base_s: Annotated[float, Field(ge=0)] = 1.0
+    retry_max_s: Annotated[float, Field(ge=0)] = 60.0
+    max_recoveries: Annotated[int, Field(ge=1)] = 5
+    prefer_wait_max_s: Annotated[float, Field(ge=0)] = 30.0
+    # A promise to clients (keys are honoured for at least a day), so it cannot be set lower.
+    idempotency_ttl_s: Annotated[float, Field(ge=86_400)] = 86_400.0
 
 
 class ProviderSettings(_Section):
     name: str = "local"
     delay_s: Annotated[float, Field(ge=0)] = 0.0
     image_size: Annotated[int, Field(ge=64, le=2048)] = 512
+    fail_attempts: Annotated[int, Field(ge=0)] = 0
     prompt_template: str = "A cute cartoon {animal}, friendly sticker illustration, soft pastel background"
 
     @field_validator("prompt_template")

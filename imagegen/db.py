@@ -55,8 +55,10 @@ UPDATE jobs SET images = json_insert(images, '$[#]', ?1), updated_at = ?2
 WHERE id = ?3 AND status = 'processing' AND attempts = ?4 AND json_array_length(images) = ?5
 """
 
+# A completed or canceled job shows no error, though an earlier attempt may have failed.
 COMPLETE_JOB = """
-UPDATE jobs SET status = 'completed', completed_at = ?1, updated_at = ?1
+UPDATE jobs SET status = 'completed', completed_at = ?1, updated_at = ?1,
+       error_code = NULL, error_message = NULL, error_retryable = NULL
 WHERE id = ?2 AND status = 'processing' AND attempts = ?3 AND json_array_length(images) = num_images
 """
 
@@ -66,18 +68,63 @@ UPDATE jobs SET status = 'failed', error_code = ?1, error_message = ?2, error_re
 WHERE id = ?4 AND status = 'processing' AND attempts = ?5
 """
 
+# A retryable failure: back to pending with the error kept, to be claimed again after ?5.
+RETRY_JOB = """
+UPDATE jobs SET status = 'pending', error_code = ?1, error_message = ?2, error_retryable = 1,
+       not_before = ?5, updated_at = ?3
+WHERE id = ?4 AND status = 'processing' AND attempts = ?6
+"""
+
 RELEASE_JOB = """
 UPDATE jobs SET status = 'pending', updated_at = ?1
 WHERE id = ?2 AND status = 'processing' AND attempts = ?3
 """
 
-RECOVER_JOBS = "UPDATE jobs SET status = 'pending', updated_at = ? WHERE status = 'processing' RETURNING id"
+CANCEL_JOB = """
+UPDATE jobs SET status = 'canceled', completed_at = ?1, updated_at = ?1,
+       error_code = NULL, error_message = NULL, error_retryable = NULL
+WHERE id = ?2 AND status IN ('pending', 'processing')
+"""
 
-PENDING_JOB_IDS = "SELECT id FROM jobs WHERE status = 'pending' ORDER BY seq"
+# The row goes; its events stay (a stream replays the deletion) until retention prunes them.
+DELETE_JOB = "DELETE FROM jobs WHERE id = ? AND status IN ('completed', 'failed', 'canceled')"
+
+JOB_STATUS = "SELECT status FROM jobs WHERE id = ?"
+
+# At start-up, a job found processing was running when the process died. One that has been
+# running in max_recoveries crashes already is failed (a poison job), the rest are handed back.
+FAIL_POISON_JOBS = """
+UPDATE jobs SET status = 'failed', error_code = 'crashed_repeatedly', error_retryable = 0,
+       error_message = 'The service stopped unexpectedly while drawing this job ' || (recoveries + 1)
+                       || ' times; it is not tried again.',
+       recoveries = recoveries + 1, completed_at = ?1, updated_at = ?1
+WHERE status = 'processing' AND recoveries + 1 >= ?2
+RETURNING id
+"""
+RECOVER_JOBS = """
+UPDATE jobs SET status = 'pending', recoveries = recoveries + 1, updated_at = ?
+WHERE status = 'processing'
+RETURNING id
+"""
+
+PENDING_JOBS = "SELECT id, seq, not_before FROM jobs WHERE status = 'pending' ORDER BY seq"
+
+# Jobs ahead of a pending job: its place in the queue is this count plus one.
+PENDING_AHEAD = "SELECT count(*) FROM jobs WHERE status = 'pending' AND seq < ?"
+
+IDEMPOTENCY_KEY = "SELECT request_hash, job_id FROM idempotency_keys WHERE key = ?"
+INSERT_IDEMPOTENCY_KEY = "INSERT INTO idempotency_keys (key, request_hash, job_id, created_at) VALUES (?, ?, ?, ?)"
+PRUNE_IDEMPOTENCY_KEYS = "DELETE FROM idempotency_keys WHERE created_at < ?"
+
+# What an event row is read as. The job's seq and status are pulled out of the snapshot by
+# SQLite, so the service can keep its queue index without parsing every snapshot in Python.
+EVENT_COLUMNS = (
+    "seq, name, job_id, job, json_extract(job, '$.seq') AS job_seq, json_extract(job, '$.status') AS status"
+)
 
 # The event for a change just made to job ?2, with the job row as it now is: the snapshot is
 # built by SQLite in the same transaction, so it is exactly what was committed.
-INSERT_EVENT = """
+INSERT_EVENT = f"""
 INSERT INTO events (job_id, name, job, created_at)
 SELECT id, ?1, json_object(
            'seq', seq, 'id', id, 'status', status, 'num_images', num_images, 'animal', animal,
@@ -87,13 +134,13 @@ SELECT id, ?1, json_object(
            'completed_at', completed_at),
        updated_at
 FROM jobs WHERE id = ?2
-RETURNING seq, name, job_id, job
+RETURNING {EVENT_COLUMNS}
 """
 
 # Replay pages: events after an id, in commit order.
-EVENTS_AFTER = "SELECT seq, name, job_id, job FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
-JOB_EVENTS_AFTER = "SELECT seq, name, job_id, job FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?"
-LATEST_JOB_EVENT = "SELECT seq, name, job_id, job FROM events WHERE job_id = ? ORDER BY seq DESC LIMIT 1"
+EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
+JOB_EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+LATEST_JOB_EVENT = f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = ? ORDER BY seq DESC LIMIT 1"
 
 # What a resuming client can be given: ids above `pruned` and up to `latest`.
 EVENT_HORIZON = """

@@ -20,6 +20,7 @@ class ApiError(Exception):
 
     status = 500
     title = "Internal Server Error"
+    headers: dict[str, str] = {}
 
     def __init__(self, detail: str | None = None, **extra: Any) -> None:
         # The docstring is the default detail, so each subclass is one line of meaning.
@@ -54,6 +55,24 @@ class JobNotFound(ApiError):
 
     status = 404
     title = "Not Found"
+
+
+class JobConflict(ApiError):
+    """The job is not in a state that allows this."""
+
+    status = 409
+    title = "Conflict"
+
+
+class QueueFull(ApiError):
+    """Too many jobs are waiting; try again later."""
+
+    status = 429
+    title = "Too Many Requests"
+
+    def __init__(self, detail: str | None = None, *, retry_after: int) -> None:
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(retry_after)}
 
 
 class NotFound(ApiError):
@@ -101,7 +120,7 @@ async def problem_middleware(
     try:
         return await handler(request)
     except ApiError as exc:
-        return problem_response(exc.status, exc.title, exc.detail, **exc.extra)
+        return problem_response(exc.status, exc.title, exc.detail, headers=exc.headers, **exc.extra)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import base64
+import bisect
+import hashlib
 import functools
 import binascii
 import json
@@ -14,14 +16,15 @@ import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
 
 from . import db
-from .config import SETTINGS, JobSettings
-from .errors import InvalidRequest, JobNotFound
-from .models import Job, JobStatus, now_text
+from .config import SETTINGS, Settings
+from .errors import InvalidRequest, JobConflict, JobNotFound, QueueFull
+from .models import TERMINAL, Job, JobStatus, now_text
 
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
@@ -34,31 +37,35 @@ class JobEvent:
     name: str
     job_id: str
     snapshot: str  # the job's row as JSON, exactly as committed with this event
+    job_seq: int  # the job's own seq (its place in creation order), read from the snapshot
+    status: str  # the job's status after the change, read from the snapshot
     # The event as an SSE frame, per base URL: thousands of subscribers share one rendering.
     _frames: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     @functools.cached_property
     def job(self) -> Job:
         # Parsed on first use: most events of a busy server (a create with nobody streaming)
-        # are never looked at beyond their job id.
+        # are never looked at beyond their job id and status.
         return Job.from_row(json.loads(self.snapshot))
 
-    def frame(self, base_url: str) -> bytes:
-        """This event as a server-sent-events frame, its data the job as GET would show it."""
+    def frame(self, base_url: str, queue_position: int | None = None) -> bytes:
+        """This event as a server-sent-events frame, its data the job as GET would show it
+        (a pending job's queue position is the one when the frame is first rendered)."""
         frame = self._frames.get(base_url)
         if frame is None:
-            frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (self.seq, self.name.encode(), self.job.to_json(base_url))
+            data = self.job.to_json(base_url, queue_position)
+            frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (self.seq, self.name.encode(), data)
             self._frames[base_url] = frame
         return frame
 
     @classmethod
     def from_row(cls, row: Any) -> JobEvent:
-        """From an events row: (seq, name, job_id, job snapshot as JSON)."""
-        return cls(row["seq"], row["name"], row["job_id"], row["job"])
+        """From an events row read with db.EVENT_COLUMNS."""
+        return cls(row["seq"], row["name"], row["job_id"], row["job"], row["job_seq"], row["status"])
 
     @property
     def terminal(self) -> bool:
-        return self.job.status.terminal
+        return self.status in TERMINAL
 
 
 def committed_events(results: list[Any]) -> Iterator[JobEvent]:
@@ -123,6 +130,29 @@ def _to_events(rows: list[tuple[Any, ...]]) -> list[JobEvent]:
     return [JobEvent.from_row(row) for row in rows]
 
 
+@dataclass(frozen=True)
+class _KeyReused:
+    """The write found the Idempotency-Key already used: by this job, for this body or not."""
+
+    job_id: str
+    same_body: bool
+
+
+@dataclass(frozen=True)
+class Created:
+    """What POST /generations made: the job's id, and whether an earlier request with the same
+    Idempotency-Key made it (nothing new was created)."""
+
+    job_id: str
+    replayed: bool = False
+
+
+def request_hash(num_images: int, animal: str | None, prompt: str | None) -> str:
+    """A fingerprint of a create request's meaning, to tell a retried request from a new one."""
+    canonical = json.dumps([num_images, animal, prompt], separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 # How many jobs the service keeps in memory for reads (a few MB at most).
 RECENT_JOBS = 10_000
 
@@ -130,34 +160,70 @@ RECENT_JOBS = 10_000
 class JobService:
     """Creates, reads and moves jobs through their states; each change is one committed event."""
 
-    def __init__(self, database: db.Database, settings: JobSettings) -> None:
+    def __init__(self, database: db.Database, settings: Settings) -> None:
         self._db = database
-        self._settings = settings
+        self._settings = settings.jobs
+        self._max_pending = settings.workers.max_pending
         # Job ids waiting for a worker. The database is the truth: this queue is rebuilt
         # from the pending jobs at every start.
         self.queue: asyncio.Queue[str] = asyncio.Queue()
-        # The most recently used jobs, as last committed, so that polling skips the database.
-        # Every commit refreshes its jobs here (after_commit), so an entry is never older than
-        # what a reader connection would return.
-        # Kept as each job's latest event, whose job is parsed only when first read.
+        # The most recently changed jobs, each as its latest committed event, so that polling
+        # skips the database. Only committed events are kept here (after_commit), so an entry
+        # is never older than what a reader connection would return.
         self._recent: collections.OrderedDict[str, JobEvent] = collections.OrderedDict()
+        # Every pending job's seq, sorted: a job's queue position is its index here, and the
+        # count is what backpressure checks. Also kept from committed events.
+        self._pending: dict[str, int] = {}
+        self._pending_order: list[int] = []
+        self._admitting = 0  # creates admitted but not yet committed
+        # Retries waiting out their backoff before they are queued again.
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         database.after_commit.append(self._on_commit)
 
     def _on_commit(self, results: list[Any]) -> None:
         for event in committed_events(results):
-            self._remember(event)
+            if event.name == "job.deleted":
+                self._recent.pop(event.job_id, None)
+            else:
+                self._recent[event.job_id] = event
+                self._recent.move_to_end(event.job_id)
+                if len(self._recent) > RECENT_JOBS:
+                    self._recent.popitem(last=False)
+            self._track_pending(event.job_id, event.job_seq, event.status == JobStatus.PENDING)
             # Queued from the commit itself, not from the creating request: a request
             # cancelled after its job committed must not leave the job waiting for a restart.
             if event.name == "job.created":
-                self.queue.put_nowait(event.job.job_id)
+                self.queue.put_nowait(event.job_id)
 
-    def _remember(self, event: JobEvent) -> None:
-        self._recent[event.job_id] = event
-        self._recent.move_to_end(event.job_id)
-        if len(self._recent) > RECENT_JOBS:
-            self._recent.popitem(last=False)
+    def _track_pending(self, job_id: str, seq: int, pending: bool) -> None:
+        if pending and job_id not in self._pending:
+            self._pending[job_id] = seq
+            bisect.insort(self._pending_order, seq)
+        elif not pending and job_id in self._pending:
+            seq = self._pending.pop(job_id)
+            del self._pending_order[bisect.bisect_left(self._pending_order, seq)]
+
+    def close(self) -> None:
+        """Forget scheduled retries (they are pending in the database and resume at start-up)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._db.after_commit.remove(self._on_commit)
 
     # --- reads -----------------------------------------------------------------------------
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    def queue_position(self, job_id: str) -> int | None:
+        """1 for the next pending job to be claimed; None if the job is not pending."""
+        seq = self._pending.get(job_id)
+        return None if seq is None else bisect.bisect_left(self._pending_order, seq) + 1
+
+    def render(self, job: Job, base_url: str) -> bytes:
+        """The job's JSON as the API shows it now."""
+        return job.to_json(base_url, self.queue_position(job.job_id))
 
     async def find(self, job_id: str) -> Job | None:
         latest = self._recent.get(job_id)
@@ -188,27 +254,104 @@ class JobService:
         next_cursor = encode_cursor(rows[limit - 1]["seq"]) if len(rows) > limit else None
         return JobPage([Job.from_row(row) for row in rows[:limit]], next_cursor)
 
-    # --- changes ---------------------------------------------------------------------------
+    # --- admission -------------------------------------------------------------------------
 
-    async def create(self, num_images: int, animal: str | None, prompt: str | None = None) -> str:
-        """Commit a new pending job and queue it for the workers; return its id."""
+    async def create(
+        self,
+        num_images: int,
+        animal: str | None,
+        prompt: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Created:
+        """Commit a new pending job (it is queued for the workers on commit).
+
+        With an idempotency key, a repeat of an earlier request returns that request's job
+        instead, and the same key with a different request is refused.
+        """
         limit = self._settings.max_images_per_job
         if num_images > limit:
             raise InvalidRequest(
                 f"numImages must be at most {limit}",
                 invalid_params=[{"name": "numImages", "in": "body", "reason": f"greater than {limit}"}],
             )
-        if animal is None:
-            animal = random.choice(self._settings.animals)
-        elif animal not in self._settings.animals:
+        if animal is not None and animal not in self._settings.animals:
             raise InvalidRequest(
                 f"animal must be one of {', '.join(self._settings.animals)}",
                 invalid_params=[{"name": "animal", "in": "body", "reason": "not a configured animal"}],
             )
+        fingerprint = request_hash(num_images, animal, prompt) if idempotency_key else ""
+        # Counted on the event loop, between admission and commit, so concurrent requests
+        # cannot together overshoot max_pending. A repeat of an idempotent request creates
+        # nothing, so it is not refused for a full queue.
+        if self.pending_count + self._admitting >= self._max_pending:
+            if not (idempotency_key and await self._db.fetch_one(db.IDEMPOTENCY_KEY, (idempotency_key,))):
+                raise QueueFull(
+                    f"{self.pending_count} jobs are waiting, the most this service queues; try again later",
+                    retry_after=RETRY_AFTER_FULL_S,
+                )
         now = now_text()
-        params = (str(uuid.uuid4()), num_images, animal, prompt, now, now)
-        await self._db.write(_event_op("job.created", params[0], db.INSERT_JOB, params), _to_events)
-        return params[0]
+        job_id = str(uuid.uuid4())
+        params = (job_id, num_images, animal or random.choice(self._settings.animals), prompt, now, now)
+
+        def op(conn: sqlite3.Connection) -> list[tuple[Any, ...]] | _KeyReused:
+            if idempotency_key:
+                used = conn.execute(db.IDEMPOTENCY_KEY, (idempotency_key,)).fetchone()
+                if used is not None:
+                    return _KeyReused(used["job_id"], used["request_hash"] == fingerprint)
+                conn.execute(db.INSERT_IDEMPOTENCY_KEY, (idempotency_key, fingerprint, job_id, now))
+            conn.execute(db.INSERT_JOB, params)
+            return conn.execute(db.INSERT_EVENT, ("job.created", job_id)).fetchall()
+
+        self._admitting += 1
+        try:
+            result = await self._db.write(op, lambda r: r if isinstance(r, _KeyReused) else _to_events(r))
+        finally:
+            self._admitting -= 1
+        if isinstance(result, _KeyReused):
+            if not result.same_body:
+                raise InvalidRequest(
+                    "This Idempotency-Key was already used with a different request body",
+                    invalid_params=[{"name": "Idempotency-Key", "in": "header", "reason": "reused with another body"}],
+                )
+            return Created(result.job_id, replayed=True)
+        return Created(job_id)
+
+    async def prune_idempotency_keys(self, now: datetime | None = None) -> None:
+        """Forget idempotency keys older than their retention."""
+        now = now or datetime.now(UTC)
+        cutoff = (now - timedelta(seconds=self._settings.idempotency_ttl_s)).isoformat(timespec="milliseconds")
+        cutoff = cutoff[:-6] + "Z"
+        await self._db.write(lambda conn: conn.execute(db.PRUNE_IDEMPOTENCY_KEYS, (cutoff,)).rowcount)
+
+    # --- control ---------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str) -> Job:
+        """pending or processing -> canceled (the worker drawing it is interrupted on commit)."""
+        events = await self._db.write(_event_op("job.canceled", job_id, db.CANCEL_JOB, (now_text(), job_id)), _to_events)
+        if events:
+            return events[0].job
+        job = await self.get(job_id)  # 404 if there is no such job
+        raise JobConflict(f"The job is already {job.status.value}: only pending or processing jobs can be canceled")
+
+    async def delete(self, job_id: str) -> None:
+        """Remove a terminal job (its events stay until pruned); 409 while it can still change."""
+
+        def op(conn: sqlite3.Connection) -> list[tuple[Any, ...]] | str | None:
+            row = conn.execute(db.JOB_STATUS, (job_id,)).fetchone()
+            if row is None or row["status"] not in TERMINAL:
+                return None if row is None else row["status"]
+            # The event carries the job as it was, so it is written before the row goes.
+            events = conn.execute(db.INSERT_EVENT, ("job.deleted", job_id)).fetchall()
+            conn.execute(db.DELETE_JOB, (job_id,))
+            return events
+
+        result = await self._db.write(op, lambda r: _to_events(r) if isinstance(r, list) else r)
+        if result is None:
+            raise JobNotFound(f"No job has the id {job_id}")
+        if isinstance(result, str):
+            raise JobConflict(f"The job is {result}: cancel it first, or wait until it ends")
+
+    # --- the workers' side -----------------------------------------------------------------
 
     async def claim(self, job_id: str) -> Job | None:
         """pending -> processing; None if the job is no longer pending."""
@@ -221,28 +364,61 @@ class JobService:
 
     async def complete(self, job: Job) -> Job | None:
         """processing -> completed, once every image is recorded."""
-        return await self._change("job.completed", job.job_id, db.COMPLETE_JOB, (now_text(), job.job_id, job.attempts))
+        params = (now_text(), job.job_id, job.attempts)
+        return await self._change("job.completed", job.job_id, db.COMPLETE_JOB, params)
 
     async def fail(self, job: Job, code: str, message: str, retryable: bool = False) -> Job | None:
         """processing -> failed with the reason."""
         params = (code, message, now_text(), job.job_id, job.attempts, int(retryable))
         return await self._change("job.failed", job.job_id, db.FAIL_JOB, params)
 
+    async def retry(self, job: Job, code: str, message: str, delay_s: float) -> Job | None:
+        """processing -> pending after a transient failure; queued again once `delay_s` passed."""
+        now = datetime.now(UTC)
+        not_before = (now + timedelta(seconds=delay_s)).isoformat(timespec="milliseconds")[:-6] + "Z"
+        params = (code, message, now_text(), job.job_id, not_before, job.attempts)
+        retried = await self._change("job.retrying", job.job_id, db.RETRY_JOB, params)
+        if retried is not None:
+            self._enqueue_after(job.job_id, delay_s)
+        return retried
+
     async def release(self, job: Job) -> Job | None:
         """processing -> pending: a shutdown hands the job back for the next start."""
-        return await self._change("job.requeued", job.job_id, db.RELEASE_JOB, (now_text(), job.job_id, job.attempts))
+        params = (now_text(), job.job_id, job.attempts)
+        return await self._change("job.requeued", job.job_id, db.RELEASE_JOB, params)
+
+    def _enqueue_after(self, job_id: str, delay_s: float) -> None:
+        def enqueue() -> None:
+            self._timers.pop(job_id, None)
+            self.queue.put_nowait(job_id)
+
+        self._timers[job_id] = asyncio.get_running_loop().call_later(delay_s, enqueue)
 
     async def recover(self) -> int:
-        """At start-up: jobs left processing by a crash go back to pending, and every pending
-        job is queued in creation order. Returns how many were queued."""
-        def requeue_all(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-            ids = [row[0] for row in conn.execute(db.RECOVER_JOBS, (now_text(),)).fetchall()]
-            return [event for job_id in ids for event in conn.execute(db.INSERT_EVENT, ("job.requeued", job_id))]
+        """At start-up: jobs left processing by a crash go back to pending (or fail, if they
+        were running in too many crashes), and every pending job is queued in creation order
+        (a retry once its backoff has passed). Returns how many are pending."""
+        max_recoveries = self._settings.max_recoveries
 
-        await self._db.write(requeue_all, _to_events)
-        rows = await self._db.fetch_all(db.PENDING_JOB_IDS)
+        def recover_all(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            now = now_text()
+            events = []
+            for (job_id,) in conn.execute(db.FAIL_POISON_JOBS, (now, max_recoveries)).fetchall():
+                events += conn.execute(db.INSERT_EVENT, ("job.failed", job_id)).fetchall()
+            for (job_id,) in conn.execute(db.RECOVER_JOBS, (now,)).fetchall():
+                events += conn.execute(db.INSERT_EVENT, ("job.requeued", job_id)).fetchall()
+            return events
+
+        await self._db.write(recover_all, _to_events)
+        now = now_text()
+        rows = await self._db.fetch_all(db.PENDING_JOBS)
         for row in rows:
-            self.queue.put_nowait(row["id"])
+            self._track_pending(row["id"], row["seq"], True)
+            if row["not_before"] and row["not_before"] > now:
+                wait = datetime.fromisoformat(row["not_before"]) - datetime.now(UTC)
+                self._enqueue_after(row["id"], max(0.0, wait.total_seconds()))
+            else:
+                self.queue.put_nowait(row["id"])
         return len(rows)
 
     async def _change(self, name: str, job_id: str, sql: str, params: tuple[Any, ...]) -> Job | None:
@@ -250,12 +426,17 @@ class JobService:
         return events[0].job if events else None
 
 
+# Retry-After of a 429 for a full queue: long enough for workers to take a few jobs, short
+# enough that a client does not give up.
+RETRY_AFTER_FULL_S = 5
+
 JOBS = web.AppKey("jobs", JobService)
 
 
 async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: the job service, with unfinished jobs recovered and queued."""
-    service = JobService(app[db.DATABASE], app[SETTINGS].jobs)
+    service = JobService(app[db.DATABASE], app[SETTINGS])
     await service.recover()
     app[JOBS] = service
     yield
+    service.close()

@@ -40,11 +40,15 @@ class JobStatus(enum.StrEnum):
     PENDING = "pending"  # committed, waiting for a worker
     PROCESSING = "processing"  # a worker is drawing its images
     COMPLETED = "completed"  # every image is stored (terminal)
-    FAILED = "failed"  # the provider failed it; see `error` (terminal)
+    FAILED = "failed"  # it could not be drawn; see `error` (terminal)
+    CANCELED = "canceled"  # a client canceled it (terminal)
 
     @property
     def terminal(self) -> bool:
-        return self in (JobStatus.COMPLETED, JobStatus.FAILED)
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED})
 
 
 class _CamelModel(BaseModel):
@@ -96,7 +100,10 @@ class Job(_CamelModel):
     prompt: str | None
     # Stored image paths relative to data_dir; the API shows them as absolute URLs.
     images: tuple[str, ...] = Field(serialization_alias="imageUrls")
-    attempts: int = Field(exclude=True)
+    attempts: int = Field(description="How many times a worker has taken the job up.")
+    # Where a pending job stands among the pending jobs (1 = next); it changes without the job
+    # changing, so it is not stored: the caller supplies it when rendering.
+    queue_position: int | None = None
     error: JobError | None
     created_at: Timestamp
     updated_at: Timestamp
@@ -105,8 +112,12 @@ class Job(_CamelModel):
     # This job's JSON per base URL: a job object never changes, so it is rendered once.
     _json: dict[str, bytes] = PrivateAttr(default_factory=dict)
 
-    def to_json(self, base_url: str) -> bytes:
-        """The job as GET /generations/{jobId} shows it, with image URLs under `base_url`."""
+    def to_json(self, base_url: str, queue_position: int | None = None) -> bytes:
+        """The job as GET /generations/{jobId} shows it, with image URLs under `base_url`
+        and, if it is pending, its current `queue_position`."""
+        if self.status is JobStatus.PENDING:
+            context = {"base_url": base_url, "queue_position": queue_position}
+            return self.model_dump_json(by_alias=True, context=context).encode()
         rendered = self._json.get(base_url)
         if rendered is None:
             rendered = self.model_dump_json(by_alias=True, context={"base_url": base_url}).encode()
@@ -117,6 +128,10 @@ class Job(_CamelModel):
     @property
     def progress(self) -> Progress:
         return Progress(done=len(self.images), total=self.num_images)
+
+    @field_serializer("queue_position")
+    def _queue_position(self, _: int | None, info: SerializationInfo) -> int | None:
+        return (info.context or {}).get("queue_position") if self.status is JobStatus.PENDING else None
 
     @field_serializer("images")
     def _image_urls(self, images: tuple[str, ...], info: SerializationInfo) -> list[str]:

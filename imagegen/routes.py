@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Annotated
 
@@ -10,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import SETTINGS
 from .errors import InvalidRequest, MalformedRequest, NotFound, UnsupportedMediaType, invalid_fields
+from .events import BROADCASTER
 from .jobs import JOBS, JobPage, parse_job_id
 from .models import CreateJob, Job, JobStatus
 from .storage import IMAGES
@@ -56,19 +58,96 @@ async def create_generation(request: web.Request) -> web.Response:
         if any(err["type"] == "json_invalid" for err in exc.errors()):
             raise MalformedRequest(f"The body is not valid JSON: {exc.errors()[0]['msg']}") from None
         raise invalid_fields(exc, "body") from None
-    job_id = await request.app[JOBS].create(spec.num_images, spec.animal, spec.prompt)
-    return web.Response(
-        status=202,
-        body=b'{"jobId":"%s","status":"pending"}' % job_id.encode(),
-        content_type=JSON,
-        headers={"Location": f"{base_url(request)}/generations/{job_id}"},
-    )
+    key = _idempotency_key(request)
+    wait_s = _preferred_wait(request)
+    jobs = request.app[JOBS]
+    created = await jobs.create(spec.num_images, spec.animal, spec.prompt, key)
+    headers = {"Location": f"{base_url(request)}/generations/{created.job_id}"}
+    if created.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    if wait_s is None:
+        status = "pending" if not created.replayed else (await jobs.get(created.job_id)).status.value
+        body = b'{"jobId":"%s","status":"%s"}' % (created.job_id.encode(), status.encode())
+        return web.Response(status=202, body=body, content_type=JSON, headers=headers)
+    headers["Preference-Applied"] = f"wait={wait_s:g}"
+    headers["Vary"] = "Prefer"
+    job = await _wait_until_finished(request, created.job_id, wait_s)
+    if job.status.terminal:
+        return web.Response(status=201, body=jobs.render(job, base_url(request)), content_type=JSON, headers=headers)
+    body = b'{"jobId":"%s","status":"%s"}' % (job.job_id.encode(), job.status.value.encode())
+    return web.Response(status=202, body=body, content_type=JSON, headers=headers)
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not (1 <= len(key) <= 255 and all(0x21 <= ord(ch) <= 0x7E for ch in key)):
+        raise InvalidRequest(
+            "Idempotency-Key must be 1 to 255 visible ASCII characters (a UUID is a good choice)",
+            invalid_params=[{"name": "Idempotency-Key", "in": "header", "reason": "not 1-255 visible ASCII characters"}],
+        )
+    return key
+
+
+def _preferred_wait(request: web.Request) -> float | None:
+    """The `wait` of `Prefer` headers (RFC 7240), capped by jobs.prefer_wait_max_s; None if absent.
+
+    Preferences this service does not know, or a malformed wait, are ignored, as RFC 7240 asks.
+    """
+    wait = None
+    for header in request.headers.getall("Prefer", []):
+        for preference in header.split(","):
+            name, _, value = preference.split(";")[0].strip().partition("=")
+            value = value.strip().strip('"')
+            if name.strip().lower() == "wait" and value.isascii() and value.isdigit():
+                wait = int(value)
+    if wait is None:
+        return None
+    return float(min(wait, request.app[SETTINGS].jobs.prefer_wait_max_s))
+
+
+async def _wait_until_finished(request: web.Request, job_id: str, wait_s: float) -> Job:
+    """The job once it is terminal, or as it is after `wait_s` seconds."""
+    broadcaster = request.app[BROADCASTER]
+    jobs = request.app[JOBS]
+    # Subscribe before looking, so a finish between the look and the wait is not missed.
+    subscription = broadcaster.subscribe(job_id)
+    try:
+        job = await jobs.get(job_id)
+        async with asyncio.timeout(wait_s):
+            while not job.status.terminal:
+                event = await subscription.next()
+                if event is None:  # shutting down, or the subscription fell behind
+                    break
+                job = event.job
+    except TimeoutError:
+        pass
+    finally:
+        broadcaster.unsubscribe(subscription)
+    return await jobs.get(job_id)
 
 
 async def get_generation(request: web.Request) -> web.Response:
     """GET /generations/{jobId}: the job as it is now."""
-    job = await request.app[JOBS].get(parse_job_id(request.match_info["jobId"]))
-    return web.Response(body=job.to_json(base_url(request)), content_type=JSON)
+    jobs = request.app[JOBS]
+    job = await jobs.get(parse_job_id(request.match_info["jobId"]))
+    return web.Response(body=jobs.render(job, base_url(request)), content_type=JSON)
+
+
+async def cancel_generation(request: web.Request) -> web.Response:
+    """POST /generations/{jobId}/cancel: stop a pending or processing job."""
+    jobs = request.app[JOBS]
+    job = await jobs.cancel(parse_job_id(request.match_info["jobId"]))
+    return web.Response(body=jobs.render(job, base_url(request)), content_type=JSON)
+
+
+async def delete_generation(request: web.Request) -> web.Response:
+    """DELETE /generations/{jobId}: remove a finished job and its image files."""
+    job_id = parse_job_id(request.match_info["jobId"])
+    await request.app[JOBS].delete(job_id)
+    await request.app[IMAGES].delete_job(job_id)
+    return web.Response(status=204)
 
 
 async def list_generations(request: web.Request) -> web.Response:
@@ -84,9 +163,10 @@ async def list_generations(request: web.Request) -> web.Response:
         params = ListQuery.model_validate(query)
     except ValidationError as exc:
         raise invalid_fields(exc, "query") from None
-    page: JobPage = await request.app[JOBS].list(params.limit, params.cursor, params.status)
+    service = request.app[JOBS]
+    page: JobPage = await service.list(params.limit, params.cursor, params.status)
     base = base_url(request)
-    jobs = b",".join(job.to_json(base) for job in page.jobs)
+    jobs = b",".join(service.render(job, base) for job in page.jobs)
     cursor = json.dumps(page.next_cursor).encode()
     return web.Response(body=b'{"jobs":[%s],"nextCursor":%s}' % (jobs, cursor), content_type=JSON)
 

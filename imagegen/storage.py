@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from pathlib import Path
 
 from aiohttp import web
@@ -20,6 +21,10 @@ class ImageStore:
         relative = f"images/{job_id}/{index}.png"
         await asyncio.to_thread(_write_atomically, self._data_dir / relative, data)
         return relative
+
+    async def delete_job(self, job_id: str) -> None:
+        """Remove a job's image files (after its row is gone, so no URL points at them)."""
+        await asyncio.to_thread(shutil.rmtree, self._data_dir / "images" / job_id, True)
 
     def path(self, relative: str) -> Path:
         """The file behind a path the database recorded."""

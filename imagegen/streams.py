@@ -68,6 +68,7 @@ class _Stream:
         self.request = request
         self.subscription = subscription
         self.base = base_url(request)
+        self.jobs = request.app[JOBS]
         self.sent = 0
         self.response = EventSourceResponse(ping_interval=settings.heartbeat_s)
         self._retry_ms = settings.retry_ms
@@ -89,7 +90,7 @@ class _Stream:
 
     async def send(self, event: JobEvent) -> None:
         if event.seq > self.sent:
-            await self.response.write(event.frame(self.base))
+            await self.response.write(event.frame(self.base, self.jobs.queue_position(event.job_id)))
             self.sent = event.seq
 
     async def send_plain(self, name: str, data: dict[str, Any], seq: int | None = None) -> None:
@@ -100,7 +101,7 @@ class _Stream:
     async def send_state(self, job: Job) -> None:
         """A job's current state, as `job.state`. It carries no id: ids belong to committed
         events, and the stream's position is already set by the event before it."""
-        await self.response.write(b"event: job.state\ndata: %s\n\n" % job.to_json(self.base))
+        await self.response.write(b"event: job.state\ndata: %s\n\n" % self.jobs.render(job, self.base))
 
     async def live(self, stop_after_terminal: bool) -> None:
         """Forward live events until the subscription closes (shutdown, disconnect, overflow)."""

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
-from .config import SETTINGS, ProviderSettings
-from .jobs import JOBS, JobService
+from .config import SETTINGS, Settings
+from .db import DATABASE
+from .jobs import JOBS, JobService, committed_events
 from .models import Job
 from .providers import PROVIDER, ImageProvider, ImageRequest, ProviderError, render_prompt
 from .storage import IMAGES, ImageStore
@@ -17,18 +20,30 @@ from .storage import IMAGES, ImageStore
 log = logging.getLogger(__name__)
 
 
+def backoff_s(attempt: int, base_s: float, max_s: float, retry_after: float | None) -> float:
+    """Seconds to wait before retrying after failed attempt `attempt` (from 1).
+
+    Exponential with "equal jitter" (half fixed, half random), so many jobs failing together
+    do not all come back at the same moment; never sooner than the provider's Retry-After.
+    """
+    ceiling = min(max_s, base_s * 2 ** (attempt - 1))
+    delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+    return max(delay, retry_after or 0.0)
+
+
 class WorkerPool:
     """Named worker tasks that take job ids from the queue, one job at a time each."""
 
-    def __init__(
-        self, jobs: JobService, provider: ImageProvider, images: ImageStore, settings: ProviderSettings
-    ) -> None:
+    def __init__(self, jobs: JobService, provider: ImageProvider, images: ImageStore, settings: Settings) -> None:
         self._jobs = jobs
         self._provider = provider
         self._images = images
-        self._settings = settings
+        self._provider_settings = settings.provider
+        self._job_settings = settings.jobs
         self._tasks: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[None]] = set()
+        # The drawing of each running job, by job id, so a cancel can interrupt it.
+        self._drawing: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
         self._stopped: asyncio.Task[None] | None = None
 
@@ -36,6 +51,12 @@ class WorkerPool:
         for number in range(count):
             task = asyncio.create_task(self._run(), name=f"imagegen-worker-{number}")
             self._tasks.append(task)
+
+    def interrupt_canceled(self, results: list[Any]) -> None:
+        """db.after_commit hook: a job canceled while drawing stops drawing now."""
+        for event in committed_events(results):
+            if event.name == "job.canceled" and (drawing := self._drawing.get(event.job_id)):
+                drawing.cancel()
 
     def stop(self, grace_s: float) -> asyncio.Task[None]:
         """Take no more jobs; give running ones `grace_s` to finish, then hand them back.
@@ -79,36 +100,69 @@ class WorkerPool:
     async def _process(self, job_id: str) -> None:
         job = await self._jobs.claim(job_id)
         if job is None:
-            return  # no longer pending: another claim, or it was already finished
+            return  # no longer pending: canceled, or claimed already
+        drawing = asyncio.create_task(self._attempt(job), name=f"imagegen-draw-{job_id}")
+        self._drawing[job_id] = drawing
         try:
-            await self._draw_all(job)
+            await drawing
         except asyncio.CancelledError:
-            # Shutdown ran out of grace: hand the job back so the next start finishes it.
-            # db.write is shielded, so this write commits even though we are cancelled.
-            await self._jobs.release(job)
-            raise
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                # This worker is being stopped and ran out of grace: hand the job back so the
+                # next start finishes it. db.write commits even though we are cancelled.
+                drawing.cancel()
+                await asyncio.gather(drawing, return_exceptions=True)
+                await self._jobs.release(job)
+                raise
+            # Only the drawing was cancelled: the job was canceled, and that is committed.
+        finally:
+            del self._drawing[job_id]
 
-    async def _draw_all(self, job: Job) -> None:
+    async def _attempt(self, job: Job) -> None:
+        """One attempt at a job: draw the images it still lacks, then complete it."""
         current: Job | None = job
+        prompt = render_prompt(self._provider_settings.prompt_template, job.animal, job.prompt)
         try:
-            # A recovered job keeps the images it already stored: draw only the rest.
-            prompt = render_prompt(self._settings.prompt_template, job.animal, job.prompt)
+            # A job retried or recovered keeps the images it already stored: draw only the rest.
             for index in range(len(job.images), job.num_images):
-                request = ImageRequest(job.job_id, index, job.animal, self._settings.image_size, prompt)
-                data = await self._provider.generate(request)
+                request = ImageRequest(
+                    job.job_id, index, job.animal, self._provider_settings.image_size, job.attempts, prompt
+                )
+                data = await self._generate(request)
                 path = await self._images.save(job.job_id, index, data)
                 current = await self._jobs.add_image(current, path)
                 if current is None:
-                    return  # a newer attempt owns the job now; drop this one's result
+                    return  # canceled, or a newer attempt owns the job: drop this one's result
             await self._jobs.complete(current)
         except ProviderError as exc:
-            log.warning("job %s failed: %s: %s", job.job_id, exc.code, exc)
-            await self._jobs.fail(current, exc.code, str(exc), exc.retryable)
-        except asyncio.CancelledError:
-            raise
+            await self._failed(current, exc)
         except Exception as exc:
             log.exception("job %s failed unexpectedly", job.job_id)
             await self._jobs.fail(current, "internal_error", f"The server failed to draw an image: {type(exc).__name__}")
+
+    async def _generate(self, request: ImageRequest) -> bytes:
+        timeout_s = self._job_settings.timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._provider.generate(request)
+        except TimeoutError:
+            raise ProviderError(
+                f"The image provider did not answer within {timeout_s:g} s",
+                code="provider_timeout",
+                retryable=True,
+            ) from None
+
+    async def _failed(self, job: Job, exc: ProviderError) -> None:
+        settings = self._job_settings
+        if exc.retryable and job.attempts < settings.max_attempts:
+            delay = backoff_s(job.attempts, settings.retry_base_s, settings.retry_max_s, exc.retry_after)
+            log.warning("job %s attempt %d failed (%s), retrying in %.1fs", job.job_id, job.attempts, exc.code, delay)
+            await self._jobs.retry(job, exc.code, str(exc), delay)
+            return
+        message = str(exc)
+        if exc.retryable:
+            message += f" (gave up after {job.attempts} attempts)"
+        log.warning("job %s failed: %s: %s", job.job_id, exc.code, message)
+        await self._jobs.fail(job, exc.code, message, exc.retryable)
 
 
 WORKERS = web.AppKey("workers", WorkerPool)
@@ -117,11 +171,13 @@ WORKERS = web.AppKey("workers", WorkerPool)
 async def workers_context(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: workers run while the app runs and stop first (contexts unwind in reverse)."""
     settings = app[SETTINGS]
-    pool = WorkerPool(app[JOBS], app[PROVIDER], app[IMAGES], settings.provider)
+    pool = WorkerPool(app[JOBS], app[PROVIDER], app[IMAGES], settings)
+    app[DATABASE].after_commit.append(pool.interrupt_canceled)
     pool.start(settings.workers.count)
     app[WORKERS] = pool
     yield
     await pool.stop(settings.workers.shutdown_grace_s)
+    app[DATABASE].after_commit.remove(pool.interrupt_canceled)
 
 
 async def begin_stopping_workers(app: web.Application) -> None:

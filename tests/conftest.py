@@ -41,10 +41,13 @@ ClientFactory = Callable[..., Awaitable[TestClient]]
 
 @pytest.fixture
 def make_client(aiohttp_client: Any, tmp_path: Path) -> ClientFactory:
-    """Start the real app (small images by default, for speed) and return a client for it."""
+    """Start the real app (small images and no shutdown grace by default, for speed) and
+    return a client for it."""
 
     async def factory(data_dir: Path | None = None, **sections: dict[str, Any]) -> TestClient:
         sections.setdefault("provider", {}).setdefault("image_size", 64)
+        # Tests that stop an app mid-job should not sit out the production grace period.
+        sections.setdefault("workers", {}).setdefault("shutdown_grace_s", 0)
         settings = make_settings(data_dir or tmp_path / "data", **sections)
         return await aiohttp_client(create_app(settings))
 

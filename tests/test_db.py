@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from imagegen.config import JobSettings
+from imagegen.config import Settings
 from imagegen.db import Database
 from imagegen.jobs import JobService
 
@@ -19,9 +19,10 @@ async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
     db = await Database.open(tmp_path / "data" / "imagegen.sqlite3")
     batches: list[int] = []
     db.after_commit.append(lambda results: batches.append(len(results)))
-    service = JobService(db, JobSettings())
+    service = JobService(db, Settings())
     try:
-        job_ids = await asyncio.gather(*(service.create(1, "cat") for _ in range(50)))
+        created = await asyncio.gather(*(service.create(1, "cat") for _ in range(50)))
+        job_ids = [c.job_id for c in created]
     finally:
         await db.close()
     assert len(set(job_ids)) == 50
@@ -66,7 +67,7 @@ async def test_schema_is_applied_idempotently_and_in_wal_mode(tmp_path: Path) ->
 
 async def test_a_cancelled_caller_still_gets_its_write_committed(tmp_path: Path) -> None:
     db = await Database.open(tmp_path / "data" / "imagegen.sqlite3")
-    service = JobService(db, JobSettings())
+    service = JobService(db, Settings())
     try:
         task = asyncio.create_task(service.create(2, "owl"))
         await asyncio.sleep(0)  # let it queue its write

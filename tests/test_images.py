@@ -46,7 +46,7 @@ async def test_same_job_and_index_draw_the_same_picture(tmp_path, make_client) -
     from imagegen.config import ProviderSettings
 
     provider = LocalProvider(ProviderSettings(image_size=64))
-    request = ImageRequest(job_id=str(uuid.uuid4()), index=1, animal="owl", size=64, prompt="an owl")
+    request = ImageRequest(job_id=str(uuid.uuid4()), index=1, animal="owl", size=64, attempt=1, prompt="an owl")
     assert await provider.generate(request) == await provider.generate(request)
 
 

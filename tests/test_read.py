@@ -18,8 +18,9 @@ async def test_completed_job_has_the_full_shape(client: TestClient) -> None:
     job = await wait_for_status(client, job_id, {"completed"})
     assert set(job) == {
         "jobId", "status", "numImages", "animal", "prompt", "imageUrls", "createdAt", "updatedAt",
-        "startedAt", "completedAt", "error", "progress",
+        "startedAt", "completedAt", "error", "progress", "attempts", "queuePosition",
     }
+    assert job["attempts"] == 1 and job["queuePosition"] is None
     assert job["numImages"] == 3 and job["animal"] == "cat" and job["error"] is None and job["prompt"] is None
     assert job["progress"] == {"done": 3, "total": 3}
     base = str(client.make_url("")).rstrip("/")

@@ -107,3 +107,22 @@ async def test_signal_stops_promptly_and_hands_back_unfinished_jobs(tmp_path: Pa
     finally:
         if server.proc.poll() is None:
             server.kill9()
+
+
+async def test_a_job_running_in_every_crash_is_failed_as_poison(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    env = {"IMAGEGEN_PROVIDER__DELAY_S": "30", "IMAGEGEN_JOBS__MAX_RECOVERIES": "2"}
+    server = ServerProcess(data, env)
+    server.start()
+    try:
+        job_id = _post(f"{server.url}/generations", {"numImages": 1})["jobId"]
+        for crash in range(2):
+            await _until(lambda: _get(f"{server.url}/generations/{job_id}")["status"] == "processing")
+            server.kill9()  # the job "crashes" the service while it is being drawn
+            server.start()
+        job = _get(f"{server.url}/generations/{job_id}")
+        assert job["status"] == "failed"
+        assert job["error"]["code"] == "crashed_repeatedly" and job["error"]["retryable"] is False
+        assert "2 times" in job["error"]["message"]
+    finally:
+        server.kill9()

@@ -27,6 +27,7 @@ class ImageRequest:
     index: int
     animal: str
     size: int
+    attempt: int  # which attempt at the job this is, from 1
     prompt: str  # what to draw, in words: the configured template over the animal plus the job's prompt
 
     @property

@@ -15,12 +15,20 @@ class LocalProvider:
 
     def __init__(self, settings: ProviderSettings) -> None:
         self._delay_s = settings.delay_s
+        self._fail_attempts = settings.fail_attempts
 
     async def generate(self, request: ImageRequest) -> bytes:
         if request.animal not in ANIMALS:
             raise ProviderError(f"The local provider cannot draw a {request.animal!r}", code="unknown_animal")
         if self._delay_s:
             await asyncio.sleep(self._delay_s)  # simulated provider latency, by configuration
+        if request.attempt <= self._fail_attempts:
+            # Simulated transient failure, by configuration (provider.fail_attempts).
+            raise ProviderError(
+                f"Simulated failure of attempt {request.attempt} (provider.fail_attempts = {self._fail_attempts})",
+                code="simulated_failure",
+                retryable=True,
+            )
         # Drawing and PNG encoding take tens of milliseconds of CPU: keep them off the loop.
         return await asyncio.to_thread(_render_png, request)
 

@@ -1,0 +1,197 @@
+"""Job control over a real socket: cancel, delete, queue positions, retries, timeouts, fencing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from imagegen.config import Settings
+from imagegen.db import Database
+from imagegen.jobs import JobService
+from imagegen.workers import backoff_s
+
+from .conftest import create_job, db_rows, wait_for_status
+
+TERMINAL = {"completed", "failed", "canceled"}
+
+
+def terminal_events(data: Path, job_id: str) -> list[str]:
+    rows = db_rows(
+        data,
+        "SELECT name FROM events WHERE job_id = ? AND name IN ('job.completed', 'job.failed', 'job.canceled')",
+        (job_id,),
+    )
+    return [row["name"] for row in rows]
+
+
+async def test_a_pending_job_is_canceled_at_once_and_never_drawn(make_client, tmp_path: Path) -> None:
+    client = await make_client(workers={"count": 1}, provider={"delay_s": 30})
+    busy = await create_job(client)
+    await wait_for_status(client, busy, {"processing"})
+    waiting = await create_job(client)
+    response = await client.post(f"/generations/{waiting}/cancel")
+    assert response.status == 200
+    job = await response.json()
+    assert job["status"] == "canceled" and job["attempts"] == 0 and job["completedAt"]
+    assert terminal_events(tmp_path / "data", waiting) == ["job.canceled"]
+
+
+async def test_a_processing_job_is_interrupted_within_a_second(make_client, tmp_path: Path) -> None:
+    client = await make_client(workers={"count": 1}, provider={"delay_s": 30})
+    job_id = await create_job(client, numImages=3)
+    await wait_for_status(client, job_id, {"processing"})
+    next_job = await create_job(client)
+    started = time.monotonic()
+    response = await client.post(f"/generations/{job_id}/cancel")
+    assert response.status == 200 and (await response.json())["status"] == "canceled"
+    # The only worker was stuck in a 30 s provider call; it is free again at once.
+    await wait_for_status(client, next_job, {"processing"}, timeout=5)
+    assert time.monotonic() - started < 1.0
+    job = await (await client.get(f"/generations/{job_id}")).json()
+    assert job["status"] == "canceled" and job["imageUrls"] == []
+    assert terminal_events(tmp_path / "data", job_id) == ["job.canceled"]
+
+
+async def test_cancel_errors(client: TestClient) -> None:
+    job_id = await create_job(client)
+    await wait_for_status(client, job_id, {"completed"})
+    finished = await client.post(f"/generations/{job_id}/cancel")
+    assert finished.status == 409 and finished.content_type == "application/problem+json"
+    assert "completed" in (await finished.json())["detail"]
+    unknown = await client.post("/generations/00000000-0000-4000-8000-000000000000/cancel")
+    assert unknown.status == 404
+    malformed = await client.post("/generations/nope/cancel")
+    assert malformed.status == 422
+
+
+async def test_cancel_racing_completion_ends_in_exactly_one_terminal_state(make_client, tmp_path: Path) -> None:
+    client = await make_client(workers={"count": 4}, provider={"delay_s": 0.01})
+    ids = [await create_job(client, numImages=2) for _ in range(40)]
+
+    async def cancel_soon(index: int, job_id: str) -> int:
+        await asyncio.sleep(index * 0.003)  # spread the cancels across the jobs' lives
+        return (await client.post(f"/generations/{job_id}/cancel")).status
+
+    answers = await asyncio.gather(*(cancel_soon(i, job_id) for i, job_id in enumerate(ids)))
+    for job_id, answer in zip(ids, answers, strict=True):
+        job = await wait_for_status(client, job_id, TERMINAL)
+        assert terminal_events(tmp_path / "data", job_id) == [f"job.{job['status']}"]
+        # 200: the cancel won; 409: the job had already completed.
+        assert (answer, job["status"]) in {(200, "canceled"), (409, "completed")}, (answer, job["status"])
+    assert {200, 409} & set(answers)
+
+
+async def test_delete_removes_a_finished_job_and_its_images(client: TestClient, tmp_path: Path) -> None:
+    job_id = await create_job(client, numImages=2)
+    await wait_for_status(client, job_id, {"completed"})
+    image_dir = tmp_path / "data" / "images" / job_id
+    assert len(list(image_dir.iterdir())) == 2
+    response = await client.delete(f"/generations/{job_id}")
+    assert response.status == 204
+    assert (await client.get(f"/generations/{job_id}")).status == 404
+    assert (await client.get(f"/images/{job_id}/0.png")).status == 404
+    assert not image_dir.exists()
+    assert db_rows(tmp_path / "data", "SELECT count(*) AS n FROM jobs")[0]["n"] == 0
+    assert (await client.delete(f"/generations/{job_id}")).status == 404
+
+
+async def test_delete_refuses_a_job_that_can_still_change(make_client, tmp_path: Path) -> None:
+    client = await make_client(workers={"count": 1}, provider={"delay_s": 30})
+    running = await create_job(client)
+    await wait_for_status(client, running, {"processing"})
+    waiting = await create_job(client)
+    for job_id in (running, waiting):
+        response = await client.delete(f"/generations/{job_id}")
+        assert response.status == 409 and response.content_type == "application/problem+json"
+    assert db_rows(tmp_path / "data", "SELECT count(*) AS n FROM jobs")[0]["n"] == 2
+
+
+async def test_pending_jobs_report_their_queue_position(make_client) -> None:
+    client = await make_client(workers={"count": 1}, provider={"delay_s": 30})
+    running = await create_job(client)
+    await wait_for_status(client, running, {"processing"})
+    waiting = [await create_job(client) for _ in range(3)]
+    positions = [(await (await client.get(f"/generations/{j}")).json())["queuePosition"] for j in waiting]
+    assert positions == [1, 2, 3]
+    assert (await (await client.get(f"/generations/{running}")).json())["queuePosition"] is None
+    await client.post(f"/generations/{waiting[0]}/cancel")
+    listed = await (await client.get("/generations", params={"status": "pending"})).json()
+    assert [(j["jobId"], j["queuePosition"]) for j in listed["jobs"]] == [(waiting[2], 2), (waiting[1], 1)]
+
+
+async def test_retryable_failures_are_retried_until_they_succeed(make_client, tmp_path: Path) -> None:
+    client = await make_client(
+        provider={"fail_attempts": 2}, jobs={"max_attempts": 3, "retry_base_s": 0.01, "retry_max_s": 0.05}
+    )
+    job_id = await create_job(client, numImages=2)
+    job = await wait_for_status(client, job_id, TERMINAL)
+    assert job["status"] == "completed" and job["attempts"] == 3 and job["error"] is None
+    names = [r["name"] for r in db_rows(tmp_path / "data", "SELECT name FROM events WHERE job_id = ?", (job_id,))]
+    assert names.count("job.retrying") == 2 and names.count("job.processing") == 3
+    retrying = db_rows(
+        tmp_path / "data",
+        "SELECT json_extract(job, '$.error_code') AS code FROM events WHERE job_id = ? AND name = 'job.retrying'",
+        (job_id,),
+    )
+    assert [r["code"] for r in retrying] == ["simulated_failure"] * 2
+
+
+async def test_retries_give_up_after_max_attempts(make_client) -> None:
+    client = await make_client(provider={"fail_attempts": 10}, jobs={"max_attempts": 3, "retry_base_s": 0.01})
+    job = await wait_for_status(client, await create_job(client), TERMINAL)
+    assert job["status"] == "failed" and job["attempts"] == 3
+    assert job["error"]["code"] == "simulated_failure" and job["error"]["retryable"] is True
+    assert "gave up after 3 attempts" in job["error"]["message"]
+
+
+async def test_a_non_retryable_failure_fails_at_once(make_client) -> None:
+    client = await make_client(jobs={"animals": ["unicorn"], "max_attempts": 5})
+    job = await wait_for_status(client, await create_job(client), TERMINAL)
+    assert job["status"] == "failed" and job["attempts"] == 1 and job["error"]["retryable"] is False
+
+
+async def test_a_hung_provider_call_is_cut_off_and_counted_as_retryable(make_client) -> None:
+    client = await make_client(
+        provider={"delay_s": 60}, jobs={"timeout_s": 0.2, "max_attempts": 2, "retry_base_s": 0.01}
+    )
+    started = time.monotonic()
+    job = await wait_for_status(client, await create_job(client), TERMINAL, timeout=10)
+    assert time.monotonic() - started < 5
+    assert job["status"] == "failed" and job["attempts"] == 2
+    assert job["error"]["code"] == "provider_timeout" and job["error"]["retryable"] is True
+
+
+def test_backoff_grows_exponentially_with_jitter_and_honours_retry_after() -> None:
+    for attempt, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (8, 60.0)]:
+        delays = [backoff_s(attempt, 1.0, 60.0, None) for _ in range(200)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert len(set(delays)) > 100  # jittered
+    assert backoff_s(1, 1.0, 60.0, retry_after=30.0) == 30.0
+
+
+async def test_a_stale_attempt_cannot_overwrite_a_newer_one(tmp_path: Path) -> None:
+    db = await Database.open(tmp_path / "data" / "imagegen.sqlite3")
+    jobs = JobService(db, Settings())
+    try:
+        job_id = (await jobs.create(2, "cat")).job_id
+        first = await jobs.claim(job_id)
+        assert first is not None and first.attempts == 1
+        await jobs.release(first)  # e.g. the first worker was thought dead
+        second = await jobs.claim(job_id)
+        assert second is not None and second.attempts == 2
+        # The first attempt's late results are all refused.
+        assert await jobs.add_image(first, "images/x/0.png") is None
+        assert await jobs.complete(first) is None
+        assert await jobs.fail(first, "late", "late failure") is None
+        assert await jobs.retry(first, "late", "late failure", 0) is None
+        current = await jobs.add_image(second, "images/x/0.png")
+        assert current is not None and current.images == ("images/x/0.png",)
+    finally:
+        jobs.close()
+        await db.close()
+    (row,) = db_rows(tmp_path / "data", "SELECT status, attempts, images, error_code FROM jobs")
+    assert (row["status"], row["attempts"], row["error_code"]) == ("processing", 2, None)
