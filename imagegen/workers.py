@@ -93,9 +93,13 @@ class WorkerPool:
         try:
             # A recovered job keeps the images it already stored: draw only the rest.
             prompt = render_prompt(self._settings.prompt_template, job.animal, job.prompt)
+            drawn: list[bytes] = []  # a batch the provider drew ahead, stored one image at a time
             for index in range(len(job.images), job.num_images):
-                request = ImageRequest(job.job_id, index, job.animal, self._settings.image_size, prompt)
-                data = await self._provider.generate(request)
+                if not drawn:
+                    size, remaining = self._settings.image_size, job.num_images - index
+                    request = ImageRequest(job.job_id, index, job.animal, size, prompt, remaining)
+                    drawn = await self._provider.generate(request)
+                data = drawn.pop(0)
                 path = await self._images.save(job.job_id, index, data)
                 current = await self._jobs.add_image(current, path)
                 if current is None:

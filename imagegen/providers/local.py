@@ -16,13 +16,14 @@ class LocalProvider:
     def __init__(self, settings: ProviderSettings) -> None:
         self._delay_s = settings.delay_s
 
-    async def generate(self, request: ImageRequest) -> bytes:
+    async def generate(self, request: ImageRequest) -> list[bytes]:
+        # One image per call, whatever request.count: the latency of delay_s is per image.
         if request.animal not in ANIMALS:
             raise ProviderError(f"The local provider cannot draw a {request.animal!r}", code="unknown_animal")
         if self._delay_s:
             await asyncio.sleep(self._delay_s)  # simulated provider latency, by configuration
         # Drawing and PNG encoding take tens of milliseconds of CPU: keep them off the loop.
-        return await asyncio.to_thread(_render_png, request)
+        return [await asyncio.to_thread(_render_png, request)]
 
 
 def _render_png(request: ImageRequest) -> bytes:
