@@ -93,7 +93,19 @@ def _local(settings: ProviderSettings) -> AbstractAsyncContextManager[ImageProvi
     return contextlib.nullcontext(LocalProvider(settings))
 
 
-REGISTRY: dict[str, ProviderFactory] = {"local": _local}
+def _openai(settings: ProviderSettings) -> AbstractAsyncContextManager[ImageProvider]:
+    from .openai import open_openai
+
+    return open_openai(settings)
+
+
+def _automatic1111(settings: ProviderSettings) -> AbstractAsyncContextManager[ImageProvider]:
+    from .automatic1111 import open_automatic1111
+
+    return open_automatic1111(settings)
+
+
+REGISTRY: dict[str, ProviderFactory] = {"local": _local, "openai": _openai, "automatic1111": _automatic1111}
 
 PROVIDER = web.AppKey("provider", ImageProvider)
 
