@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from imagegen.config import ConfigError
-from imagegen.jobs import JOBS
 from imagegen.providers import ImageRequest, ProviderError
 
 from .conftest import create_job, db_rows, wait_for_status
@@ -119,9 +118,21 @@ async def test_the_fake_catches_a_second_request_in_flight(fake: FakeAutomatic11
 async def test_several_workers_never_send_two_requests_at_once(
     fake: FakeAutomatic1111, make_client: Any
 ) -> None:
+    fake.hold()
     client = await make_client(workers={"count": 4}, provider=webui(fake))
     ids = [await create_job(client, numImages=2) for _ in range(6)]
-    await asyncio.wait_for(client.app[JOBS].queue.join(), 60)
+
+    async def four_busy_workers_or_an_overlap() -> None:
+        while not fake.overlaps:
+            response = await client.get("/generations", params={"status": "processing"})
+            if len((await response.json())["jobs"]) == 4:
+                return
+            await asyncio.sleep(0.01)  # polling interval, bounded by wait_for below
+
+    # Every worker has a job and calls the provider while the first answer is held back: a
+    # second request would reach the fake now, not after the first is done.
+    await asyncio.wait_for(four_busy_workers_or_an_overlap(), 20)
+    fake.release()
     for job_id in ids:
         job = await wait_for_status(client, job_id, {"completed", "failed"})
         assert job["status"] == "completed", job["error"]
