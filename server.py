@@ -32,16 +32,20 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings.model_copy(update={"server": server})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # shutdown_timeout bounds how long open requests may hold a graceful stop.
-    web.run_app(
-        create_app(settings),
-        host=settings.server.host,
-        port=settings.server.port,
-        shutdown_timeout=settings.workers.shutdown_grace_s,
-        access_log=None,
-        print=lambda _: logging.getLogger("imagegen").info(
-            "serving on http://%s:%d", settings.server.host, settings.server.port
-        ),
-    )
+    try:
+        web.run_app(
+            create_app(settings),
+            host=settings.server.host,
+            port=settings.server.port,
+            shutdown_timeout=settings.workers.shutdown_grace_s,
+            access_log=None,
+            print=lambda _: logging.getLogger("imagegen").info(
+                "serving on http://%s:%d", settings.server.host, settings.server.port
+            ),
+        )
+    except ConfigError as exc:  # found at start-up, e.g. a provider's secret missing from the environment
+        print(f"imagegen: configuration error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

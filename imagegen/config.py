@@ -6,10 +6,18 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "IMAGEGEN_"
 
@@ -58,12 +66,61 @@ class JobSettings(_Section):
     idempotency_ttl_s: Annotated[float, Field(ge=86_400)] = 86_400.0
 
 
+def _base_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return value.rstrip("/")
+
+
+# Without a trailing slash, so that API paths can be appended to it.
+BaseUrl = Annotated[str, AfterValidator(_base_url)]
+
+
+class OpenAISettings(_Section):
+    base_url: BaseUrl = "https://api.openai.com"
+    api_key_env: str = "OPENAI_API_KEY"
+    model: str = "dall-e-3"
+    response_format: Literal["b64_json", "url", ""] = "b64_json"
+    max_n_per_request: Annotated[int, Field(ge=1, le=100)] = 1
+    quality: str = ""
+    style: str = ""
+
+    @field_validator("base_url")
+    @classmethod
+    def _without_v1(cls, value: str) -> str:
+        if value.endswith("/v1"):
+            raise ValueError("leave out /v1: the provider adds /v1/images/generations itself")
+        return value
+
+
+class Automatic1111Settings(_Section):
+    base_url: BaseUrl = "http://127.0.0.1:7860"
+    steps: Annotated[int, Field(ge=1, le=150)] = 20
+    negative_prompt: str = ""
+    sampler_name: str = ""
+    max_batch_size: Annotated[int, Field(ge=1, le=100)] = 1
+    username: str = ""
+    password_env: str = ""
+
+    @model_validator(mode="after")
+    def _password_with_username(self) -> Automatic1111Settings:
+        if self.username and not self.password_env:
+            raise ValueError("with a username, password_env must name the variable holding the password")
+        return self
+
+
 class ProviderSettings(_Section):
     name: str = "local"
     delay_s: Annotated[float, Field(ge=0)] = 0.0
     image_size: Annotated[int, Field(ge=64, le=2048)] = 512
     fail_attempts: Annotated[int, Field(ge=0)] = 0
     prompt_template: str = "A cute cartoon {animal}, friendly sticker illustration, soft pastel background"
+    # 0: the provider's own limit (1 for automatic1111, none for openai beyond workers.count).
+    max_concurrency: Annotated[int, Field(ge=0, le=256)] = 0
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    read_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    openai: OpenAISettings = OpenAISettings()
+    automatic1111: Automatic1111Settings = Automatic1111Settings()
 
     @field_validator("prompt_template")
     @classmethod
@@ -131,12 +188,17 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
-        section, sep, key = name[len(ENV_PREFIX):].lower().partition("__")
-        if not sep or not section or not key:
-            raise ConfigError(f"{name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
-        target = data.setdefault(section, {})
-        if not isinstance(target, dict):
-            raise ConfigError(f"{name}: [{section}] is not a section")
+        # IMAGEGEN_PROVIDER__OPENAI__BASE_URL names [provider.openai] base_url.
+        *sections, key = name[len(ENV_PREFIX):].lower().split("__")
+        if not sections or not all(sections) or not key:
+            raise ConfigError(
+                f"{name}: expected {ENV_PREFIX}<SECTION>__<KEY> or {ENV_PREFIX}<SECTION>__<SUBSECTION>__<KEY>"
+            )
+        target = data
+        for depth in range(len(sections)):
+            target = target.setdefault(sections[depth], {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{name}: [{'.'.join(sections[: depth + 1])}] is not a section")
         target[key] = _env_value(raw)
 
 

@@ -322,7 +322,12 @@ def database_context(path: Path) -> Callable[[web.Application], AsyncIterator[No
     async def context(app: web.Application) -> AsyncIterator[None]:
         db = await Database.open(path)
         app[DATABASE] = db
-        yield
-        await db.close()
+        # In a finally: when a later context fails at start-up, aiohttp skips this cleanup and
+        # run_app only closes the suspended generator. Without it, the open connections' threads
+        # would keep the process alive after the error.
+        try:
+            yield
+        finally:
+            await db.close()
 
     return context

@@ -123,11 +123,15 @@ class WorkerPool:
         prompt = render_prompt(self._provider_settings.prompt_template, job.animal, job.prompt)
         try:
             # A job retried or recovered keeps the images it already stored: draw only the rest.
+            drawn: list[bytes] = []  # a batch the provider drew ahead, stored one image at a time
             for index in range(len(job.images), job.num_images):
-                request = ImageRequest(
-                    job.job_id, index, job.animal, self._provider_settings.image_size, job.attempts, prompt
-                )
-                data = await self._generate(request)
+                if not drawn:
+                    request = ImageRequest(
+                        job.job_id, index, job.animal, self._provider_settings.image_size, job.attempts,
+                        prompt, count=job.num_images - index,
+                    )
+                    drawn = await self._generate(request)
+                data = drawn.pop(0)
                 path = await self._images.save(job.job_id, index, data)
                 current = await self._jobs.add_image(current, path)
                 if current is None:
@@ -139,7 +143,7 @@ class WorkerPool:
             log.exception("job %s failed unexpectedly", job.job_id)
             await self._jobs.fail(current, "internal_error", f"The server failed to draw an image: {type(exc).__name__}")
 
-    async def _generate(self, request: ImageRequest) -> bytes:
+    async def _generate(self, request: ImageRequest) -> list[bytes]:
         timeout_s = self._job_settings.timeout_s
         try:
             async with asyncio.timeout(timeout_s):

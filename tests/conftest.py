@@ -18,12 +18,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_settings(data_dir: Path, **sections: dict[str, Any]) -> Settings:
-    """Settings from the shipped config.toml, with data under `data_dir` and `sections` overriding."""
+    """Settings from the shipped config.toml, with data under `data_dir` and `sections` overriding
+    (a dict value is a sub-section: provider={"openai": {"model": "dall-e-2"}})."""
     env = {"IMAGEGEN_STORAGE__DATA_DIR": str(data_dir)}
     for section, values in sections.items():
-        for key, value in values.items():
-            env[f"IMAGEGEN_{section.upper()}__{key.upper()}"] = _toml(value)
+        env.update(_env(f"IMAGEGEN_{section.upper()}", values))
     return load_settings(ROOT / "config.toml", environ=env)
+
+
+def _env(prefix: str, values: dict[str, Any]) -> dict[str, str]:
+    env = {}
+    for key, value in values.items():
+        name = f"{prefix}__{key.upper()}"
+        env.update(_env(name, value) if isinstance(value, dict) else {name: _toml(value)})
+    return env
 
 
 def _toml(value: Any) -> str:

@@ -1,6 +1,7 @@
 """Image providers: the one strategy of the service, chosen by `[provider] name`.
 
-A provider turns one ImageRequest into PNG bytes. It knows nothing of HTTP routes, the
+A provider turns one ImageRequest into PNG bytes: the next image of a job, or a batch of the
+next few when its backend draws several in one call. It knows nothing of HTTP routes, the
 database or the queue. Each registry entry is a factory that opens the provider for the
 app's lifetime (an async context manager, so a provider can own a client session).
 """
@@ -21,7 +22,7 @@ from ..config import SETTINGS, ProviderSettings
 
 @dataclass(frozen=True)
 class ImageRequest:
-    """One image to draw: the index-th image of a job."""
+    """Images to draw: the index-th image of a job, and up to count - 1 of the ones after it."""
 
     job_id: str
     index: int
@@ -29,12 +30,18 @@ class ImageRequest:
     size: int
     attempt: int  # which attempt at the job this is, from 1
     prompt: str  # what to draw, in words: the configured template over the animal plus the job's prompt
+    count: int = 1  # how many of the job's images are still wanted, from index on
 
     @property
     def seed(self) -> int:
-        """A stable seed per (job, index): the same request draws the same picture."""
-        digest = hashlib.sha256(f"{self.job_id}:{self.index}".encode()).digest()
-        return int.from_bytes(digest[:8], "big")
+        """A stable seed per (job, index): the same request draws the same picture.
+
+        Consecutive within a job, because a batch seeded with s draws its images with s, s + 1, ...
+        (AUTOMATIC1111 does), so a batch draws what one call per image would. Below 2**32,
+        which every backend accepts.
+        """
+        digest = hashlib.sha256(self.job_id.encode()).digest()
+        return int.from_bytes(digest[:4], "big") % 2**31 + self.index
 
 
 class ProviderError(Exception):
@@ -71,8 +78,10 @@ def render_prompt(template: str, animal: str, extra: str | None) -> str:
 class ImageProvider(Protocol):
     """Draws images."""
 
-    async def generate(self, request: ImageRequest) -> bytes:
-        """Return the PNG bytes of the requested image, or raise ProviderError."""
+    async def generate(self, request: ImageRequest) -> list[bytes]:
+        """Return the PNG bytes of the requested images from `request.index` on, in order: at
+        least one and at most `request.count`, as many as the backend draws in one call.
+        Raise ProviderError when it cannot."""
         ...
 
 
@@ -85,7 +94,19 @@ def _local(settings: ProviderSettings) -> AbstractAsyncContextManager[ImageProvi
     return contextlib.nullcontext(LocalProvider(settings))
 
 
-REGISTRY: dict[str, ProviderFactory] = {"local": _local}
+def _openai(settings: ProviderSettings) -> AbstractAsyncContextManager[ImageProvider]:
+    from .openai import open_openai
+
+    return open_openai(settings)
+
+
+def _automatic1111(settings: ProviderSettings) -> AbstractAsyncContextManager[ImageProvider]:
+    from .automatic1111 import open_automatic1111
+
+    return open_automatic1111(settings)
+
+
+REGISTRY: dict[str, ProviderFactory] = {"local": _local, "openai": _openai, "automatic1111": _automatic1111}
 
 PROVIDER = web.AppKey("provider", ImageProvider)
 

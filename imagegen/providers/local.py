@@ -17,7 +17,8 @@ class LocalProvider:
         self._delay_s = settings.delay_s
         self._fail_attempts = settings.fail_attempts
 
-    async def generate(self, request: ImageRequest) -> bytes:
+    async def generate(self, request: ImageRequest) -> list[bytes]:
+        # One image per call, whatever request.count: the latency of delay_s is per image.
         if request.animal not in ANIMALS:
             raise ProviderError(f"The local provider cannot draw a {request.animal!r}", code="unknown_animal")
         if self._delay_s:
@@ -30,7 +31,7 @@ class LocalProvider:
                 retryable=True,
             )
         # Drawing and PNG encoding take tens of milliseconds of CPU: keep them off the loop.
-        return await asyncio.to_thread(_render_png, request)
+        return [await asyncio.to_thread(_render_png, request)]
 
 
 def _render_png(request: ImageRequest) -> bytes:
