@@ -19,7 +19,7 @@ from aiohttp import web
 
 from . import db
 from .config import SETTINGS
-from .jobs import JobEvent, committed_events
+from .jobs import JOBS, JobEvent, JobService, committed_events
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,9 @@ async def events_context(app: web.Application) -> AsyncIterator[None]:
     event_log = EventLog(database, settings.retention)
     app[BROADCASTER] = broadcaster
     app[EVENT_LOG] = event_log
-    pruner = asyncio.create_task(_prune_forever(event_log, settings.prune_interval_s), name="imagegen-events-pruner")
+    pruner = asyncio.create_task(
+        _prune_forever(event_log, app[JOBS], settings.prune_interval_s), name="imagegen-pruner"
+    )
     yield
     broadcaster.close_all()
     pruner.cancel()
@@ -185,12 +187,14 @@ async def events_context(app: web.Application) -> AsyncIterator[None]:
     database.after_commit.remove(broadcaster.publish)
 
 
-async def _prune_forever(event_log: EventLog, interval_s: float) -> None:
+async def _prune_forever(event_log: EventLog, jobs: JobService, interval_s: float) -> None:
+    """Keep the events table within its retention, and forget expired idempotency keys."""
     while True:
         try:
             await event_log.prune()
+            await jobs.prune_idempotency_keys()
         except Exception:
-            log.exception("pruning the events table failed; trying again later")
+            log.exception("pruning old events or idempotency keys failed; trying again later")
         await asyncio.sleep(interval_s)
 
 
