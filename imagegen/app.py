@@ -6,6 +6,7 @@ from aiohttp import web
 
 from .config import SETTINGS, Settings
 from .db import database_context
+from .docs import add_docs
 from .errors import problem_middleware
 from .jobs import jobs_context
 from .providers import provider_context
@@ -27,4 +28,5 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(workers_context)
     app.on_shutdown.append(begin_stopping_workers)
     add_routes(app)
+    add_docs(app)
     return app

@@ -19,9 +19,9 @@ from aiohttp import web
 from . import db
 from .config import SETTINGS, JobSettings
 from .errors import InvalidRequest, JobNotFound
-from .models import Job, JobStatus, format_time, utc_now
+from .models import JOB_ID_PATTERN, Job, JobPage, JobStatus, format_time, utc_now
 
-_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_UUID = re.compile(JOB_ID_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,6 @@ def committed_events(results: list[Any]) -> Iterator[JobEvent]:
     for result in results:
         if isinstance(result, list):
             yield from (item for item in result if isinstance(item, JobEvent))
-
-
-@dataclass(frozen=True)
-class JobPage:
-    """One page of GET /generations."""
-
-    jobs: list[Job]
-    next_cursor: str | None
 
 
 def parse_job_id(text: str) -> str:
@@ -132,7 +124,7 @@ class JobService:
         else:
             rows = await self._db.fetch_all(db.LIST_JOBS_BY_STATUS, (status.value, below, limit + 1))
         next_cursor = encode_cursor(rows[limit - 1]["seq"]) if len(rows) > limit else None
-        return JobPage([Job.from_row(row) for row in rows[:limit]], next_cursor)
+        return JobPage(jobs=[Job.from_row(row) for row in rows[:limit]], next_cursor=next_cursor)
 
     # --- changes ---------------------------------------------------------------------------
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import enum
+import functools
 import json
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -13,10 +14,14 @@ from pydantic import (
     Field,
     PlainSerializer,
     SerializationInfo,
+    WithJsonSchema,
     computed_field,
+    create_model,
     field_serializer,
 )
 from pydantic.alias_generators import to_camel
+
+from .config import Settings
 
 
 def utc_now() -> datetime:
@@ -31,7 +36,14 @@ def format_time(value: datetime) -> str:
 
 
 # Parsing is pydantic's; writing goes through format_time so every timestamp has milliseconds.
-Timestamp = Annotated[datetime, PlainSerializer(format_time, return_type=str)]
+Timestamp = Annotated[
+    datetime,
+    PlainSerializer(format_time, return_type=str),
+    WithJsonSchema({"type": "string", "format": "date-time"}, mode="serialization"),
+]
+
+# A job id is a UUID in its 8-4-4-4-12 hex form, in either case (ids are stored lowercase).
+JOB_ID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 
 # Long enough for a scene description, short enough to keep rows and provider calls small.
@@ -73,6 +85,27 @@ class CreateJob(_CamelModel):
         max_length=PROMPT_MAX_LENGTH,
         description="Optional free text added to the provider's prompt for this animal.",
     )
+
+    @classmethod
+    @functools.cache
+    def configured(cls, settings: Settings) -> type[CreateJob]:
+        """This body narrowed to the configured limit and animals: what POST /generations
+        validates and what the API document shows, from the one model."""
+        jobs, fields = settings.jobs, cls.model_fields
+        return create_model(
+            cls.__name__,
+            __base__=cls,
+            __doc__=cls.__doc__,
+            num_images=(Annotated[int, Field(le=jobs.max_images_per_job)], fields["num_images"]),
+            animal=(Literal[jobs.animals] | None, fields["animal"]),
+        )
+
+
+class JobAccepted(_CamelModel):
+    """Body of the 202 answer to POST /generations."""
+
+    job_id: str
+    status: JobStatus
 
 
 class JobError(_CamelModel):
@@ -143,3 +176,10 @@ class Job(_CamelModel):
             started_at=row["started_at"],
             completed_at=row["completed_at"],
         )
+
+
+class JobPage(_CamelModel):
+    """One page of GET /generations, newest first."""
+
+    jobs: list[Job]
+    next_cursor: str | None = Field(description="Pass as cursor for the next page; null on the last page.")
