@@ -13,7 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from .config import SETTINGS
 from .errors import InvalidRequest, MalformedRequest, NotFound, UnsupportedMediaType, invalid_fields
-from .jobs import JOBS, parse_job_id
+from .jobs import CURSOR_PATTERN, JOBS, parse_job_id
 from .models import JOB_ID_PATTERN, CreateJob, Job, JobAccepted, JobPage, JobStatus
 from .openapi import JSON, Reply, operation
 from .storage import IMAGES
@@ -33,7 +33,7 @@ class ListQuery(BaseModel):
     limit: Annotated[int, Field(ge=1, le=200), BeforeValidator(_digits)] = Field(
         default=50, description="How many jobs per page."
     )
-    cursor: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+    cursor: Annotated[str, Field(pattern=CURSOR_PATTERN)] | None = Field(
         default=None, description="The nextCursor of the previous page; absent for the first page."
     )
     status: JobStatus | None = Field(default=None, description="Only jobs in this status.")
