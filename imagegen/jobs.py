@@ -40,7 +40,7 @@ def committed_events(results: list[Any]) -> Iterator[JobEvent]:
 
 def parse_job_id(text: str) -> str:
     """The canonical (lowercase) form of a job id, or InvalidRequest if it is not a UUID."""
-    if not _UUID.match(text):
+    if not _UUID.fullmatch(text):  # match() lets a trailing newline through ($ matches before it)
         raise InvalidRequest(
             f"jobId must be a UUID like 550e8400-e29b-41d4-a716-446655440000, not {text[:64]!r}",
             invalid_params=[{"name": "jobId", "in": "path", "reason": "not a UUID"}],

@@ -108,3 +108,9 @@ async def test_list_limit_defaults_to_50(client: TestClient) -> None:
         await create_job(client)
     body = await (await client.get("/generations")).json()
     assert len(body["jobs"]) == 50 and body["nextCursor"]
+
+
+async def test_job_id_with_a_trailing_newline_is_422(client: TestClient) -> None:
+    job_id = await create_job(client)
+    response = await client.get(f"/generations/{job_id}%0A")
+    assert response.status == 422
