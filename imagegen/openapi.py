@@ -1,8 +1,21 @@
 """The OpenAPI 3.0 document, built from the pydantic models that validate and serialise the API.
 
-Each handler declares what it takes and what it answers with `@operation(...)` beside its code.
-At start-up the document is assembled by apispec from the app's routes; every schema in it is
-pydantic's JSON Schema of a model, adapted to OpenAPI 3.0 in `openapi_schema` alone.
+Each handler declares what it takes and what it answers beside its code:
+
+    @operation(
+        "Cancel a job",
+        tags=("generations",),
+        path=JobPath,                                   # a model: one parameter per field
+        headers=CancelHeaders,                          # request headers, the same way
+        replies={202: Reply(Job, "The job, cancelling.", headers=("Location",))},
+        errors=(404, 409, 422),                         # keys of ERRORS, answered as Problem
+    )
+    async def cancel_generation(request): ...
+
+A response header is one line in HEADERS, a new error status one line in ERRORS; a stream is
+`Reply(str, "The job's events.", "text/event-stream")`. At start-up apispec assembles the
+document from the app's routes; every schema in it is pydantic's JSON Schema of a model or
+type, adapted to OpenAPI 3.0 in `openapi_schema` alone.
 """
 
 from __future__ import annotations
@@ -42,7 +55,6 @@ HEADERS: dict[str, Header] = {
     "ETag": Header("The image's entity tag; send it back as If-None-Match to revalidate."),
     "Last-Modified": Header("When the image was stored (HTTP date)."),
     "Cache-Control": Header("An image never changes, so it may be cached for a year."),
-    "Allow": Header("The methods this path accepts."),
 }
 
 
@@ -98,6 +110,11 @@ def operation(
     """Document the decorated handler: its JSON `body` model, the models whose fields are its
     `path`, `query` and `headers` parameters, its `replies` by status, and the ERRORS it may
     answer with. The handler itself is unchanged; it validates with the same models."""
+    # Caught at import, so a typo names itself instead of failing the document at start-up.
+    unknown = [status for status in errors if status not in ERRORS]
+    unknown += [name for reply in replies.values() for name in reply.headers if name not in HEADERS]
+    if unknown:
+        raise ValueError(f"{summary!r}: add {unknown} to ERRORS or HEADERS in imagegen/openapi.py")
     documented = Operation(summary, description, tags, body, path, query, headers, replies, errors)
 
     def mark(handler: Handler) -> Handler:
@@ -212,6 +229,10 @@ def _camel(name: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
+def _replies(operation: Operation) -> dict[int, Reply]:
+    return {**operation.replies, **{status: ERRORS[status] for status in (*operation.errors, 500)}}
+
+
 def _models(operation: Operation, settings: Settings) -> Iterator[tuple[type[BaseModel], JsonSchemaMode]]:
     body = _body_model(operation, settings)
     if body is not None:
@@ -219,7 +240,7 @@ def _models(operation: Operation, settings: Settings) -> Iterator[tuple[type[Bas
     for model in (operation.path, operation.query, operation.headers):
         if model is not None:
             yield model, "validation"
-    for reply in [*operation.replies.values(), *(ERRORS[status] for status in (*operation.errors, 500))]:
+    for reply in _replies(operation).values():
         if isinstance(reply.body, type) and issubclass(reply.body, BaseModel):
             yield reply.body, "serialization"
 
@@ -262,8 +283,8 @@ def _response(reply: Reply, schemas: _Schemas) -> dict[str, Any]:
 
 
 def _operation(handler: Any, operation: Operation, schemas: _Schemas, settings: Settings) -> dict[str, Any]:
-    replies = {**operation.replies, **{status: ERRORS[status] for status in (*operation.errors, 500)}}
-    result: dict[str, Any] = {"tags": list(operation.tags), "summary": operation.summary}
+    result: dict[str, Any] = {"tags": list(operation.tags)} if operation.tags else {}
+    result["summary"] = operation.summary
     if operation.description:
         result["description"] = operation.description
     result["operationId"] = _camel(handler.__name__)
@@ -274,7 +295,8 @@ def _operation(handler: Any, operation: Operation, schemas: _Schemas, settings: 
     if body is not None:
         schema = schemas.ref(body, "validation")
         result["requestBody"] = {"required": True, "content": {JSON: {"schema": schema}}}
-    result["responses"] = {str(status): _response(reply, schemas) for status, reply in sorted(replies.items())}
+    replies = sorted(_replies(operation).items())
+    result["responses"] = {str(status): _response(reply, schemas) for status, reply in replies}
     return result
 
 
@@ -293,16 +315,12 @@ def build_document(app: web.Application, *, title: str, version: str, descriptio
     )
     for name, header in HEADERS.items():
         schema = openapi_schema(TypeAdapter(header.type).json_schema(mode="serialization"))
-        documented = {"description": header.description, "required": True, "schema": schema}
-        spec.components.header(name, documented, lazy=True)
-    operations = [
-        (route.resource.canonical, route.method.lower(), _operation(route.handler, found, schemas, settings))
-        for route, found in routes
-        if route.resource is not None
-    ]
+        component = {"description": header.description, "required": True, "schema": schema}
+        spec.components.header(name, component, lazy=True)  # in the document only if a reply names it
     for name, schema in schemas.components.items():
         spec.components.schema(name, schema)
-    for path, method, documented in operations:
-        spec.path(path=path, operations={method: documented})
+    for route, found in routes:
+        if route.resource is not None:
+            method = _operation(route.handler, found, schemas, settings)
+            spec.path(path=route.resource.canonical, operations={route.method.lower(): method})
     return spec.to_dict()
-

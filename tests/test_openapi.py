@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 from pydantic import BaseModel, Field
 
-from imagegen.openapi import openapi_schema
+from imagegen.openapi import Reply, openapi_schema, operation
 
 
 def undocumented_routes(app: web.Application, document: dict[str, Any]) -> list[str]:
@@ -115,3 +115,12 @@ def test_pydantic_schema_is_adapted_to_openapi_30() -> None:
 )
 def test_adaptation_cases(schema: dict[str, Any], expected: dict[str, Any]) -> None:
     assert openapi_schema(schema) == expected
+
+
+@pytest.mark.parametrize(
+    "declaration",
+    [{"errors": (418,)}, {"replies": {200: Reply(str, "x", headers=("X-Unknown",))}}],
+)
+def test_an_undocumented_status_or_header_is_refused_at_import(declaration: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="ERRORS or HEADERS"):
+        operation("A typo", **{"replies": {}, **declaration})
