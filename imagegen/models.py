@@ -75,7 +75,7 @@ class CreateJob(_CamelModel):
         alias_generator=to_camel, populate_by_name=False, extra="forbid", strict=True, frozen=True
     )
 
-    num_images: int = Field(ge=1, description="How many images to draw (1 to max_images_per_job).")
+    num_images: int = Field(ge=1, description="How many images to draw (at most jobs.max_images_per_job).")
     animal: str | None = Field(
         default=None, description="One of the configured animals; drawn at random when absent."
     )

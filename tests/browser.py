@@ -175,6 +175,8 @@ class Browser:
             data = json.loads(message.data)
             if "id" in data:
                 future = self._calls.pop(data["id"])
+                if future.done():
+                    continue  # its caller gave up waiting (wait_for timed out)
                 if "error" in data:
                     future.set_exception(BrowserError(data["error"]))
                 else:
@@ -182,7 +184,8 @@ class Browser:
             elif (page := self._pages.get(data.get("sessionId", ""))) is not None:
                 page.on_event(data["method"], data.get("params", {}))
         for future in self._calls.values():
-            future.set_exception(BrowserError("the browser closed the connection"))
+            if not future.done():
+                future.set_exception(BrowserError("the browser closed the connection"))
 
     async def send(self, method: str, params: dict[str, Any] | None = None, session_id: str | None = None) -> dict[str, Any]:
         """Run one DevTools protocol command and return its result."""
