@@ -73,7 +73,7 @@ class Reply:
 ERRORS: dict[int, Reply] = {
     400: Reply(Problem, "The body is not valid JSON.", PROBLEM_JSON),
     404: Reply(Problem, "Nothing is at this path (no such job or image).", PROBLEM_JSON),
-    413: Reply(Problem, "The body is larger than 64 KiB.", PROBLEM_JSON),
+    413: Reply(Problem, "The body is larger than the server accepts.", PROBLEM_JSON),
     415: Reply(Problem, "The body is not application/json.", PROBLEM_JSON),
     422: Reply(Problem, "Invalid input; invalidParams names each rejected part.", PROBLEM_JSON),
     500: Reply(Problem, "The server failed; the details are in its log, not here.", PROBLEM_JSON),
