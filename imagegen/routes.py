@@ -18,6 +18,7 @@ from .models import JOB_ID_PATTERN, CreateJob, Job, JobAccepted, JobPage, JobSta
 from .openapi import JSON, Reply, operation
 from .storage import IMAGES
 
+
 def _digits(value: object) -> object:
     # Query values are text; pydantic's lax int would also take "1.0", " 5 " or "５".
     if isinstance(value, str) and not (value.isascii() and value.isdigit()):

@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 from collections import defaultdict
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -124,7 +124,7 @@ class Browser:
         self._pages: dict[str, Page] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def __aenter__(self) -> Browser:
+    async def __aenter__(self) -> Self:
         self._profile = tempfile.TemporaryDirectory(prefix="imagegen-chromium-")
         self._process = await asyncio.create_subprocess_exec(
             CHROMIUM, *FLAGS, f"--user-data-dir={self._profile.name}", "about:blank",
