@@ -6,6 +6,7 @@ from aiohttp import web
 
 from .config import SETTINGS, Settings
 from .db import database_context
+from .docs import add_docs
 from .errors import problem_middleware
 from .events import end_streams, events_context
 from .jobs import jobs_context
@@ -36,6 +37,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(end_streams)
     app.on_shutdown.append(begin_stopping_workers)
     _add_routes(app.router)
+    add_docs(app)
     return app
 
 
@@ -47,7 +49,10 @@ def _add_routes(router: web.UrlDispatcher) -> None:
     # The event streams go before {jobId}: "events" would otherwise be taken for a job id.
     router.add_get("/generations/events", streams.stream_all, allow_head=False)
     router.add_get("/generations/{jobId}/events", streams.stream_job, allow_head=False)
-    router.add_get("/generations/{jobId}", routes.get_generation, allow_head=False)
-    router.add_delete("/generations/{jobId}", routes.delete_generation)
+    # "events" is never a job id: without the lookahead, DELETE /generations/events would
+    # reach delete_generation and the Allow header of /generations/events would list DELETE.
+    job = "/generations/{jobId:(?!events$)[^{}/]+}"
+    router.add_get(job, routes.get_generation, allow_head=False)
+    router.add_delete(job, routes.delete_generation)
     router.add_post("/generations/{jobId}/cancel", routes.cancel_generation)
     router.add_get(r"/images/{jobId}/{index:\d+}.png", routes.get_image, allow_head=False)

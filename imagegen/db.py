@@ -88,6 +88,8 @@ WHERE id = ?2 AND status IN ('pending', 'processing')
 
 # The row goes; its events stay (a stream replays the deletion) until retention prunes them.
 DELETE_JOB = "DELETE FROM jobs WHERE id = ? AND status IN ('completed', 'failed', 'canceled')"
+# A deleted job's idempotency keys go with it: a key may then create a job again.
+DELETE_JOB_KEYS = "DELETE FROM idempotency_keys WHERE job_id = ?"
 
 JOB_STATUS = "SELECT status FROM jobs WHERE id = ?"
 

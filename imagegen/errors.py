@@ -8,11 +8,36 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+
+
+class InvalidParam(BaseModel):
+    """One rejected part of a request."""
+
+    name: str = Field(description="The field or parameter, e.g. numImages or limit.")
+    in_: str = Field(alias="in", description="Where it was: body, query, path or header.")
+    reason: str = Field(description="Why it was rejected.")
+
+
+class Problem(BaseModel):
+    """An error, as RFC 9457 problem details (application/problem+json)."""
+
+    # RFC 9457 lets a problem carry extension members beyond these.
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="Always about:blank: the status and title say what happened.")
+    title: str = Field(description="The HTTP status phrase.")
+    status: int = Field(description="The HTTP status code.")
+    detail: str = Field(description="What went wrong with this request, in words.")
+    invalid_params: list[InvalidParam] = Field(
+        default_factory=list,
+        alias="invalidParams",
+        description="Present for invalid input: each rejected field or parameter.",
+    )
 
 
 class ApiError(Exception):

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import collections
-import base64
 import bisect
-import hashlib
+import collections
 import functools
-import binascii
+import hashlib
 import json
 import random
 import re
@@ -24,9 +22,9 @@ from aiohttp import web
 from . import db
 from .config import SETTINGS, Settings
 from .errors import InvalidRequest, JobConflict, JobNotFound, QueueFull
-from .models import TERMINAL, Job, JobStatus, now_text
+from .models import JOB_ID_PATTERN, TERMINAL, Job, JobPage, JobStatus, now_text
 
-_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_UUID = re.compile(JOB_ID_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -75,17 +73,9 @@ def committed_events(results: list[Any]) -> Iterator[JobEvent]:
             yield from (item for item in result if isinstance(item, JobEvent))
 
 
-@dataclass(frozen=True)
-class JobPage:
-    """One page of GET /generations."""
-
-    jobs: list[Job]
-    next_cursor: str | None
-
-
 def parse_job_id(text: str) -> str:
     """The canonical (lowercase) form of a job id, or InvalidRequest if it is not a UUID."""
-    if not _UUID.match(text):
+    if not _UUID.fullmatch(text):  # match() lets a trailing newline through ($ matches before it)
         raise InvalidRequest(
             f"jobId must be a UUID like 550e8400-e29b-41d4-a716-446655440000, not {text[:64]!r}",
             invalid_params=[{"name": "jobId", "in": "path", "reason": "not a UUID"}],
@@ -93,23 +83,24 @@ def parse_job_id(text: str) -> str:
     return text.lower()
 
 
+# A cursor is the seq of the last job of a page, in decimal; the next page starts below it.
+# Every string of this form is a place to start, so the pattern is the whole of its validation
+# (and 18 digits stay below SQLite's 2**63).
+CURSOR_PATTERN = r"^[0-9]{1,18}$"
+
+
 def encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"v1:{seq}".encode()).decode().rstrip("=")
+    return str(seq)
 
 
 def decode_cursor(cursor: str) -> int:
-    """The seq a cursor points below; InvalidRequest for anything this service did not hand out."""
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
-        version, _, number = text.partition(":")
-        if version != "v1" or not number.isdigit():
-            raise ValueError(text)
-        return int(number)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+    """The seq a cursor points below; InvalidRequest for anything that is not a cursor."""
+    if not re.fullmatch(CURSOR_PATTERN, cursor):
         raise InvalidRequest(
             "cursor is not one this service returned as nextCursor",
-            invalid_params=[{"name": "cursor", "in": "query", "reason": "unknown cursor"}],
-        ) from None
+            invalid_params=[{"name": "cursor", "in": "query", "reason": "not a cursor"}],
+        )
+    return int(cursor)
 
 
 def _event_op(name: str, job_id: str, sql: str, params: tuple[Any, ...]) -> db.WriteOp[list[tuple[Any, ...]]]:
@@ -252,7 +243,7 @@ class JobService:
         else:
             rows = await self._db.fetch_all(db.LIST_JOBS_BY_STATUS, (status.value, below, limit + 1))
         next_cursor = encode_cursor(rows[limit - 1]["seq"]) if len(rows) > limit else None
-        return JobPage([Job.from_row(row) for row in rows[:limit]], next_cursor)
+        return JobPage(jobs=[Job.from_row(row) for row in rows[:limit]], next_cursor=next_cursor)
 
     # --- admission -------------------------------------------------------------------------
 
@@ -343,6 +334,7 @@ class JobService:
             # The event carries the job as it was, so it is written before the row goes.
             events = conn.execute(db.INSERT_EVENT, ("job.deleted", job_id)).fetchall()
             conn.execute(db.DELETE_JOB, (job_id,))
+            conn.execute(db.DELETE_JOB_KEYS, (job_id,))
             return events
 
         result = await self._db.write(op, lambda r: _to_events(r) if isinstance(r, list) else r)

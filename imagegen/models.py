@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import enum
+import functools
 import json
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -14,9 +15,12 @@ from pydantic import (
     PrivateAttr,
     SerializationInfo,
     computed_field,
+    create_model,
     field_serializer,
 )
 from pydantic.alias_generators import to_camel
+
+from .config import Settings
 
 
 def now_text() -> str:
@@ -28,6 +32,9 @@ def now_text() -> str:
 # Stored in SQLite already in the API's format (ISO 8601 UTC, milliseconds, Z), so a job goes
 # from row to JSON without parsing and re-formatting every timestamp on every read.
 Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+
+# A job id is a UUID in its 8-4-4-4-12 hex form, in either case (ids are stored lowercase).
+JOB_ID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 
 # Long enough for a scene description, short enough to keep rows and provider calls small.
@@ -63,7 +70,7 @@ class CreateJob(_CamelModel):
         alias_generator=to_camel, populate_by_name=False, extra="forbid", strict=True, frozen=True
     )
 
-    num_images: int = Field(ge=1, description="How many images to draw (1 to max_images_per_job).")
+    num_images: int = Field(ge=1, description="How many images to draw (at most jobs.max_images_per_job).")
     animal: str | None = Field(
         default=None, description="One of the configured animals; drawn at random when absent."
     )
@@ -73,6 +80,27 @@ class CreateJob(_CamelModel):
         max_length=PROMPT_MAX_LENGTH,
         description="Optional free text added to the provider's prompt for this animal.",
     )
+
+    @classmethod
+    @functools.cache
+    def configured(cls, settings: Settings) -> type[CreateJob]:
+        """This body narrowed to the configured limit and animals: what POST /generations
+        validates and what the API document shows, from the one model."""
+        jobs, fields = settings.jobs, cls.model_fields
+        return create_model(
+            cls.__name__,
+            __base__=cls,
+            __doc__=cls.__doc__,
+            num_images=(Annotated[int, Field(le=jobs.max_images_per_job)], fields["num_images"]),
+            animal=(Literal[jobs.animals] | None, fields["animal"]),
+        )
+
+
+class JobAccepted(_CamelModel):
+    """Body of the 202 answer to POST /generations."""
+
+    job_id: str
+    status: JobStatus
 
 
 class JobError(_CamelModel):
@@ -168,3 +196,10 @@ class Job(_CamelModel):
             started_at=row["started_at"],
             completed_at=row["completed_at"],
         )
+
+
+class JobPage(_CamelModel):
+    """One page of GET /generations, newest first."""
+
+    jobs: list[Job]
+    next_cursor: str | None = Field(description="Pass as cursor for the next page; null on the last page.")

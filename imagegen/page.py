@@ -10,6 +10,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .config import SETTINGS
+from .openapi import Reply, operation
 
 PAGE_PATH = Path(__file__).resolve().parent / "static" / "index.html"
 
@@ -26,6 +27,12 @@ async def page_context(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+@operation(
+    "The live page",
+    description="Ask for pictures and watch them arrive (one EventSource on /generations/events).",
+    tags=("page",),
+    replies={200: Reply(str, "The page.", "text/html")},
+)
 async def index(request: web.Request) -> web.Response:
     """GET /: the page that submits jobs and shows them live."""
     return web.Response(text=request.app[PAGE], content_type="text/html")

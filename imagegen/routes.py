@@ -1,4 +1,8 @@
-"""HTTP handlers: parse and validate the request, call the job service, serialise the answer."""
+"""HTTP handlers: parse and validate the request, call the job service, serialise the answer.
+
+Each handler's `@operation` documents it in the OpenAPI document, from the same models it
+validates and serialises with.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,22 @@ import json
 from typing import Annotated
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .config import SETTINGS
 from .errors import InvalidRequest, MalformedRequest, NotFound, UnsupportedMediaType, invalid_fields
 from .events import BROADCASTER
-from .jobs import JOBS, JobPage, parse_job_id
-from .models import CreateJob, Job, JobStatus
+from .jobs import CURSOR_PATTERN, JOBS, JobPage, parse_job_id
+from .models import JOB_ID_PATTERN, CreateJob, Job, JobAccepted, JobStatus
+from .openapi import JSON, Reply, operation
 from .storage import IMAGES
 
-JSON = "application/json"
+
+def _digits(value: object) -> object:
+    # Query values are text; pydantic's lax int would also take "1.0", " 5 " or "５".
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be a whole number written with the digits 0-9")
+    return value
 
 
 class ListQuery(BaseModel):
@@ -24,10 +34,38 @@ class ListQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # Digits only: pydantic's lax int would take "1.0" or " 5 ", which are not limits.
-    limit: Annotated[int, Field(ge=1, le=200)] = 50
-    cursor: Annotated[str, Field(min_length=1, max_length=64)] | None = None
-    status: JobStatus | None = None
+    limit: Annotated[int, Field(ge=1, le=200), BeforeValidator(_digits)] = Field(
+        default=50, description="How many jobs per page."
+    )
+    cursor: Annotated[str, Field(pattern=CURSOR_PATTERN)] | None = Field(
+        default=None, description="The nextCursor of the previous page; absent for the first page."
+    )
+    status: JobStatus | None = Field(default=None, description="Only jobs in this status.")
+
+
+# parse_job_id checks the same JOB_ID_PATTERN in the handlers, with a friendlier message.
+JobId = Annotated[str, Field(alias="jobId", pattern=JOB_ID_PATTERN, description="The job's id, a UUID.")]
+
+
+class JobPath(BaseModel):
+    """Path parameters of /generations/{jobId}."""
+
+    job_id: JobId
+
+
+class ImagePath(BaseModel):
+    """Path parameters of /images/{jobId}/{index}.png."""
+
+    job_id: JobId
+    index: int = Field(ge=0, description="Which of the job's images, from 0.")
+
+
+class ImageHeaders(BaseModel):
+    """Request headers GET /images/... honours (aiohttp's FileResponse reads them)."""
+
+    if_none_match: str | None = Field(
+        default=None, alias="If-None-Match", description="The ETag of a copy you hold: 304 if it is current."
+    )
 
 
 def base_url(request: web.Request) -> str:
@@ -35,7 +73,8 @@ def base_url(request: web.Request) -> str:
     return request.app[SETTINGS].server.public_url or f"{request.scheme}://{request.host}"
 
 
-def _single_query(request: web.Request) -> dict[str, str]:
+def single_query(request: web.Request) -> dict[str, str]:
+    """The query parameters, each given at most once (a repeated one is refused, not guessed at)."""
     query: dict[str, str] = {}
     for key, value in request.query.items():
         if key in query:
@@ -47,13 +86,54 @@ def _single_query(request: web.Request) -> dict[str, str]:
     return query
 
 
+class CreateHeaders(BaseModel):
+    """Request headers POST /generations understands."""
+
+    idempotency_key: str | None = Field(
+        default=None,
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Any 1-255 visible ASCII characters. The same key with the same body returns the job "
+        "the first request created (Idempotent-Replayed: true); with another body it is 422. Kept a day.",
+    )
+    prefer: str | None = Field(
+        default=None,
+        alias="Prefer",
+        description="wait=N (RFC 7240): hold the answer up to N seconds (capped by jobs.prefer_wait_max_s); "
+        "201 with the job if it finished by then.",
+    )
+
+
+@operation(
+    "Create a generation job",
+    description="The job is committed before the answer; follow it at Location, by polling or by "
+    "its event stream.",
+    tags=("generations",),
+    body=CreateJob.configured,
+    headers=CreateHeaders,
+    replies={
+        202: Reply(
+            JobAccepted,
+            "The job is committed and queued (or, for a repeated Idempotency-Key, the job it created).",
+            headers=("Location", "Idempotent-Replayed", "Preference-Applied"),
+        ),
+        201: Reply(
+            Job,
+            "Prefer: wait=N, and the job finished within N seconds: here it is.",
+            headers=("Location", "Idempotent-Replayed", "Preference-Applied"),
+        ),
+    },
+    errors=(400, 413, 415, 422, 429),
+)
 async def create_generation(request: web.Request) -> web.Response:
     """POST /generations: commit a job and answer 202 with its id."""
     if request.content_type != JSON:
         raise UnsupportedMediaType(f"The body must be {JSON}, not {request.content_type or 'empty'}")
     body = await request.read()
     try:
-        spec = CreateJob.model_validate_json(body)
+        spec = CreateJob.configured(request.app[SETTINGS]).model_validate_json(body)
     except ValidationError as exc:
         if any(err["type"] == "json_invalid" for err in exc.errors()):
             raise MalformedRequest(f"The body is not valid JSON: {exc.errors()[0]['msg']}") from None
@@ -128,6 +208,13 @@ async def _wait_until_finished(request: web.Request, job_id: str, wait_s: float)
     return await jobs.get(job_id)
 
 
+@operation(
+    "Read a job",
+    tags=("generations",),
+    path=JobPath,
+    replies={200: Reply(Job, "The job as it is now.")},
+    errors=(404, 422),
+)
 async def get_generation(request: web.Request) -> web.Response:
     """GET /generations/{jobId}: the job as it is now."""
     jobs = request.app[JOBS]
@@ -135,6 +222,16 @@ async def get_generation(request: web.Request) -> web.Response:
     return web.Response(body=jobs.render(job, base_url(request)), content_type=JSON)
 
 
+
+
+@operation(
+    "Cancel a job",
+    description="A pending job is canceled at once; a processing job's provider call is interrupted.",
+    tags=("generations",),
+    path=JobPath,
+    replies={200: Reply(Job, "The job, now canceled.")},
+    errors=(404, 409, 422),
+)
 async def cancel_generation(request: web.Request) -> web.Response:
     """POST /generations/{jobId}/cancel: stop a pending or processing job."""
     jobs = request.app[JOBS]
@@ -142,6 +239,13 @@ async def cancel_generation(request: web.Request) -> web.Response:
     return web.Response(body=jobs.render(job, base_url(request)), content_type=JSON)
 
 
+@operation(
+    "Delete a finished job and its images",
+    tags=("generations",),
+    path=JobPath,
+    replies={204: Reply(None, "Deleted: the job and its image URLs answer 404 from now on.")},
+    errors=(404, 409, 422),
+)
 async def delete_generation(request: web.Request) -> web.Response:
     """DELETE /generations/{jobId}: remove a finished job and its image files."""
     job_id = parse_job_id(request.match_info["jobId"])
@@ -150,17 +254,18 @@ async def delete_generation(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+@operation(
+    "List jobs, newest first",
+    description="Walking nextCursor from the first page to the last returns each job exactly once.",
+    tags=("generations",),
+    query=ListQuery,
+    replies={200: Reply(JobPage, "One page of jobs.")},
+    errors=(422,),
+)
 async def list_generations(request: web.Request) -> web.Response:
     """GET /generations: newest first, a page at a time."""
-    query = _single_query(request)
-    limit = query.get("limit")
-    if limit is not None and not (limit.isascii() and limit.isdigit()):
-        raise InvalidRequest(
-            "limit must be a whole number from 1 to 200",
-            invalid_params=[{"name": "limit", "in": "query", "reason": "not a whole number"}],
-        )
     try:
-        params = ListQuery.model_validate(query)
+        params = ListQuery.model_validate(single_query(request))
     except ValidationError as exc:
         raise invalid_fields(exc, "query") from None
     service = request.app[JOBS]
@@ -171,6 +276,18 @@ async def list_generations(request: web.Request) -> web.Response:
     return web.Response(body=b'{"jobs":[%s],"nextCursor":%s}' % (jobs, cursor), content_type=JSON)
 
 
+@operation(
+    "Download a stored image",
+    description="Images never change: cache them, and revalidate with If-None-Match.",
+    tags=("images",),
+    path=ImagePath,
+    headers=ImageHeaders,
+    replies={
+        200: Reply(bytes, "The PNG.", "image/png", headers=("ETag", "Last-Modified", "Cache-Control")),
+        304: Reply(None, "The copy whose ETag was sent is current.", headers=("ETag", "Cache-Control")),
+    },
+    errors=(404,),
+)
 async def get_image(request: web.Request) -> web.FileResponse:
     """GET /images/{jobId}/{index}.png: a stored image, cacheable forever (it never changes)."""
     try:

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 from typing import Any
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import SETTINGS
-from .errors import InvalidRequest
+from .errors import InvalidRequest, invalid_fields
 from .events import BROADCASTER, EVENT_LOG, Subscription
 from .jobs import JOBS, JobEvent, parse_job_id
 from .models import Job
-from .routes import base_url
+from .openapi import Reply, operation
+from .routes import JobPath, base_url, single_query
 
-# Ids are SQLite integers; anything longer than this is not one of ours.
-_MAX_ID_DIGITS = 18
+# Ids are SQLite integers: up to 18 digits stays below 2**63.
+EVENT_ID_PATTERN = r"^[0-9]{1,18}$"
 
 # Kernel send buffer per stream. Linux lets a socket's buffer grow to megabytes, which times
 # thousands of streams is gigabytes held for clients that stopped reading. Events are small
@@ -26,33 +29,70 @@ _MAX_ID_DIGITS = 18
 # its subscription overflows, and it is cut off (it resumes by id).
 STREAM_SEND_BUFFER = 64 * 1024
 
+EVENT_STREAM = "text/event-stream"
+
 
 class _StreamEnded(Exception):
     """The stream has sent all it will send."""
 
 
+class StreamQuery(BaseModel):
+    """Query parameters of the event streams."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    last_event_id: str | None = Field(
+        default=None,
+        alias="lastEventId",
+        pattern=EVENT_ID_PATTERN,
+        description="Resume after this event id, for clients that cannot send Last-Event-ID.",
+    )
+
+
+class Event(BaseModel):
+    """One server-sent event, as an EventSource client parses it."""
+
+    id: str | None = Field(default=None, description="The event's global id, for resuming (job.state has none).")
+    event: str = Field(description="job.created, job.progress, ..., or ready, reset, job.state.")
+    data: str = Field(description="JSON: the job as GET /generations/{jobId} shows it (ready and reset: "
+                      '{"lastEventId": N}).')
+
+
+class StreamHeaders(BaseModel):
+    """Request headers of the event streams."""
+
+    last_event_id: str | None = Field(
+        default=None,
+        alias="Last-Event-ID",
+        pattern=EVENT_ID_PATTERN,
+        description="Resume after this event id (EventSource sends it when it reconnects).",
+    )
+
+
+STREAM_DESCRIPTION = (
+    "Server-sent events (text/event-stream): `id` is a global, strictly increasing number, `event` the "
+    "change (job.created, job.processing, job.progress, job.completed, job.failed, job.canceled, "
+    "job.retrying, job.requeued, job.deleted), and `data` the job as GET /generations/{jobId} shows it. "
+    "With Last-Event-ID (or lastEventId), every event after that id is replayed first; an id older than "
+    "what is kept gets a `reset` event and the current state as `job.state` events."
+)
+
+
 def _last_event_id(request: web.Request) -> int | None:
     """The id to resume after: the Last-Event-ID header (EventSource sets it on reconnect),
-    else ?lastEventId= for clients that cannot set headers."""
-    for key in request.query:
-        if key != "lastEventId":
-            raise InvalidRequest(
-                f"unknown query parameter {key}",
-                invalid_params=[{"name": key, "in": "query", "reason": "unknown parameter"}],
-            )
-    raw = request.headers.get("Last-Event-ID")
-    where = "header"
-    if raw is None:
-        raw, where = request.query.get("lastEventId"), "query"
-    if raw is None or raw.strip() == "":
-        return None
-    raw = raw.strip()
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= _MAX_ID_DIGITS):
+    else ?lastEventId= for clients that cannot set headers. Both are checked when both come."""
+    try:
+        query = StreamQuery.model_validate(single_query(request))
+    except ValidationError as exc:
+        raise invalid_fields(exc, "query") from None
+    header = request.headers.get("Last-Event-ID")
+    if header is not None and not re.fullmatch(EVENT_ID_PATTERN, header.strip()):
         raise InvalidRequest(
             "Last-Event-ID must be an event id this service sent (a whole number)",
-            invalid_params=[{"name": "Last-Event-ID", "in": where, "reason": "not an event id"}],
+            invalid_params=[{"name": "Last-Event-ID", "in": "header", "reason": "not an event id"}],
         )
-    return int(raw)
+    raw = header.strip() if header is not None else query.last_event_id
+    return int(raw) if raw else None
 
 
 def _plain_frame(name: str, data: dict[str, Any], seq: int | None = None) -> bytes:
@@ -130,6 +170,15 @@ async def _serve(stream: _Stream, body: Any) -> web.StreamResponse:
     return stream.response
 
 
+@operation(
+    "Every job's changes, as server-sent events",
+    description=STREAM_DESCRIPTION + " This stream starts with a `ready` event carrying the current id.",
+    tags=("events",),
+    query=StreamQuery,
+    headers=StreamHeaders,
+    replies={200: Reply(Event, "An endless event stream, with a `: ping` comment every heartbeat.", EVENT_STREAM)},
+    errors=(422,),
+)
 async def stream_all(request: web.Request) -> web.StreamResponse:
     """GET /generations/events: every job's changes, resumable by Last-Event-ID."""
     last_id = _last_event_id(request)
@@ -166,6 +215,20 @@ async def stream_all(request: web.Request) -> web.StreamResponse:
         broadcaster.unsubscribe(subscription)
 
 
+@operation(
+    "One job's state and changes, as server-sent events",
+    description=STREAM_DESCRIPTION + " This stream starts with the job's current state and ends after its "
+    "final event.",
+    tags=("events",),
+    path=JobPath,
+    query=StreamQuery,
+    headers=StreamHeaders,
+    replies={
+        200: Reply(Event, "The job's events, ending after its final one.", EVENT_STREAM),
+        204: Reply(None, "The job has ended and the client already has its final event: do not reconnect."),
+    },
+    errors=(404, 422),
+)
 async def stream_job(request: web.Request) -> web.StreamResponse:
     """GET /generations/{jobId}/events: the job's current state, then its changes, until it ends."""
     job_id = parse_job_id(request.match_info["jobId"])

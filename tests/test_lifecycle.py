@@ -6,7 +6,6 @@ import asyncio
 import time
 from pathlib import Path
 
-import pytest
 from aiohttp.test_utils import TestClient
 
 from imagegen.config import Settings
@@ -195,3 +194,13 @@ async def test_a_stale_attempt_cannot_overwrite_a_newer_one(tmp_path: Path) -> N
         await db.close()
     (row,) = db_rows(tmp_path / "data", "SELECT status, attempts, images, error_code FROM jobs")
     assert (row["status"], row["attempts"], row["error_code"]) == ("processing", 2, None)
+
+
+async def test_a_deleted_jobs_idempotency_key_can_create_again(client: TestClient, tmp_path: Path) -> None:
+    headers = {"Idempotency-Key": "delete-me"}
+    first = (await (await client.post("/generations", json={"numImages": 1}, headers=headers)).json())["jobId"]
+    await wait_for_status(client, first, {"completed"})
+    assert (await client.delete(f"/generations/{first}")).status == 204
+    again = await client.post("/generations", json={"numImages": 1}, headers=headers)
+    assert again.status == 202 and "Idempotent-Replayed" not in again.headers
+    assert (await again.json())["jobId"] != first

@@ -94,7 +94,8 @@ async def test_cursor_walk_returns_each_job_exactly_once_under_inserts(client: T
 @pytest.mark.parametrize(
     "query",
     ["limit=0", "limit=201", "limit=abc", "limit=1.0", "limit=-1", "limit=", "limit=%EF%BC%93",
-     "status=done", "cursor=bogus", "cursor=", "limit=1&limit=2", "colour=red"],
+     "status=done", "cursor=bogus", "cursor=", "cursor=djE6MTIz", "cursor=1234567890123456789",
+     "limit=1&limit=2", "colour=red"],
 )
 async def test_bad_list_queries_are_422(client: TestClient, query: str) -> None:
     response = await client.get(f"/generations?{query}")
@@ -108,3 +109,9 @@ async def test_list_limit_defaults_to_50(client: TestClient) -> None:
         await create_job(client)
     body = await (await client.get("/generations")).json()
     assert len(body["jobs"]) == 50 and body["nextCursor"]
+
+
+async def test_job_id_with_a_trailing_newline_is_422(client: TestClient) -> None:
+    job_id = await create_job(client)
+    response = await client.get(f"/generations/{job_id}%0A")
+    assert response.status == 422
