@@ -59,12 +59,26 @@ class Subscription:
 
     async def next(self) -> JobEvent | None:
         """The next live event, or None once the subscription is closed."""
+        events = await self._wait()
+        return events.popleft() if events else None
+
+    async def take(self) -> list[JobEvent]:
+        """Every live event waiting (at least one), or [] once the subscription is closed.
+
+        A stream that fell a little behind catches up with one write instead of one per event.
+        """
+        events = await self._wait()
+        taken = list(events)
+        events.clear()
+        return taken
+
+    async def _wait(self) -> collections.deque[JobEvent]:
         while not self._events:
             if self.closed is not None:
-                return None
+                return self._events
             self._ready.clear()
             await self._ready.wait()
-        return self._events.popleft()
+        return self._events
 
 
 class Broadcaster:

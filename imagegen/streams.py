@@ -145,12 +145,18 @@ class _Stream:
 
     async def live(self, stop_after_terminal: bool) -> None:
         """Forward live events until the subscription closes (shutdown, disconnect, overflow)."""
-        while (event := await self.subscription.next()) is not None:
-            if event.seq <= self.sent:
-                continue  # already sent during replay
-            await self.send(event)
-            if stop_after_terminal and event.terminal:
-                return
+        while events := await self.subscription.take():
+            frames = []
+            for event in events:
+                if event.seq <= self.sent:
+                    continue  # already sent during replay
+                frames.append(event.frame(self.base, self.jobs.queue_position(event.job_id)))
+                self.sent = event.seq
+                if stop_after_terminal and event.terminal:
+                    await self.response.write(b"".join(frames))
+                    return
+            if frames:
+                await self.response.write(b"".join(frames))
 
     async def reset(self, latest: int, reason: str) -> None:
         """The client's id is beyond what we retain: say so, and move it to `latest`."""
