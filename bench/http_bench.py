@@ -146,6 +146,9 @@ def real_service(tmp: Path, workers: int, delay_s: float = 0.0) -> Iterator[str]
         "IMAGEGEN_PROVIDER__IMAGE_SIZE": "64",
         "IMAGEGEN_PROVIDER__DELAY_S": str(delay_s),
         "IMAGEGEN_WORKERS__COUNT": str(workers),
+        # A create run queues tens of thousands of jobs: backpressure would answer most of
+        # them 429, and the benchmark would measure refusals instead of creates.
+        "IMAGEGEN_WORKERS__MAX_PENDING": "100000000",
     }
     try:
         with server("real", [sys.executable, "server.py"], env, "/generations?limit=1", tmp) as url:

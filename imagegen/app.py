@@ -10,6 +10,7 @@ from .docs import add_docs
 from .errors import problem_middleware
 from .events import end_streams, events_context
 from .jobs import jobs_context
+from .models import CreateJob
 from .providers import provider_context
 from . import page, routes, streams
 from .storage import IMAGES, ImageStore
@@ -26,6 +27,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[problem_middleware], client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app[IMAGES] = ImageStore(settings.storage.data_dir)
+    app[routes.CREATE_JOB] = CreateJob.configured(settings)
     # Order matters: each context needs the ones before it, and they unwind in reverse,
     # so the workers stop before the provider closes and the database closes last.
     app.cleanup_ctx.append(database_context(settings.database_path))

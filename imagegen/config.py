@@ -57,7 +57,7 @@ class JobSettings(_Section):
         "pig", "mouse", "koala", "tiger", "chick",
     )
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
-    timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    timeout_s: Annotated[float, Field(gt=0)] = 300.0
     retry_base_s: Annotated[float, Field(ge=0)] = 1.0
     retry_max_s: Annotated[float, Field(ge=0)] = 60.0
     max_recoveries: Annotated[int, Field(ge=1)] = 5

@@ -22,6 +22,11 @@ from .openapi import JSON, Reply, operation
 from .storage import IMAGES
 
 
+# The request body model narrowed to this app's settings, made once per app (hashing the
+# settings to look it up on every request would cost more than the validation).
+CREATE_JOB = web.AppKey("create_job", type)
+
+
 def _digits(value: object) -> object:
     # Query values are text; pydantic's lax int would also take "1.0", " 5 " or "５".
     if isinstance(value, str) and not (value.isascii() and value.isdigit()):
@@ -133,7 +138,7 @@ async def create_generation(request: web.Request) -> web.Response:
         raise UnsupportedMediaType(f"The body must be {JSON}, not {request.content_type or 'empty'}")
     body = await request.read()
     try:
-        spec = CreateJob.configured(request.app[SETTINGS]).model_validate_json(body)
+        spec = request.app[CREATE_JOB].model_validate_json(body)
     except ValidationError as exc:
         if any(err["type"] == "json_invalid" for err in exc.errors()):
             raise MalformedRequest(f"The body is not valid JSON: {exc.errors()[0]['msg']}") from None
