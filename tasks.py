@@ -1,12 +1,14 @@
 """One command to set up and run imagegen, or to set up and run its tests; needs only Python 3.11+.
 
     python3 tasks.py run  [server.py arguments...]   # create .venv if needed, start the service
-    python3 tasks.py test [pytest arguments...]      # create .venv if needed, run the test suite
+    python3 tasks.py test [pytest arguments...]      # the same, plus Chromium (apt-get, as root) where
+                                                     # missing, then run the test suite
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -39,12 +41,26 @@ def ensure_env(extras: str) -> None:
     STAMP.write_text(wanted)
 
 
+def ensure_chromium() -> None:
+    """The browser tests drive Debian's headless Chromium: install it where it is missing."""
+    if shutil.which("chromium"):
+        return
+    if not (shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0):
+        sys.exit("the browser tests need Chromium: install Debian's `chromium` package (apt-get install chromium)")
+    print("installing chromium (apt-get) for the browser tests ...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"], check=True, env=env)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in EXTRAS:
         print(__doc__, file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
     ensure_env(EXTRAS[command])
+    if command == "test":
+        ensure_chromium()
     if command == "run":
         args = [str(PYTHON), "server.py", *rest]
     else:
