@@ -57,4 +57,5 @@ def _add_routes(router: web.UrlDispatcher) -> None:
     router.add_get(job, routes.get_generation, allow_head=False)
     router.add_delete(job, routes.delete_generation)
     router.add_post("/generations/{jobId}/cancel", routes.cancel_generation)
-    router.add_get(r"/images/{jobId}/{index:\d+}.png", routes.get_image, allow_head=False)
+    # ASCII digits only (\d would take other scripts' digits), and no more than an index can be.
+    router.add_get(r"/images/{jobId}/{index:[0-9]{1,6}}.png", routes.get_image, allow_head=False)

@@ -163,10 +163,6 @@ class Settings(_Section):
     def database_path(self) -> Path:
         return self.storage.data_dir / "imagegen.sqlite3"
 
-    @property
-    def images_dir(self) -> Path:
-        return self.storage.data_dir / "images"
-
 
 SETTINGS = web.AppKey("settings", Settings)
 

@@ -111,9 +111,6 @@ RETURNING id
 
 PENDING_JOBS = "SELECT id, seq, not_before FROM jobs WHERE status = 'pending' ORDER BY seq"
 
-# Jobs ahead of a pending job: its place in the queue is this count plus one.
-PENDING_AHEAD = "SELECT count(*) FROM jobs WHERE status = 'pending' AND seq < ?"
-
 IDEMPOTENCY_KEY = "SELECT request_hash, job_id FROM idempotency_keys WHERE key = ?"
 INSERT_IDEMPOTENCY_KEY = "INSERT INTO idempotency_keys (key, request_hash, job_id, created_at) VALUES (?, ?, ?, ?)"
 PRUNE_IDEMPOTENCY_KEYS = "DELETE FROM idempotency_keys WHERE created_at < ?"
@@ -149,7 +146,6 @@ EVENT_HORIZON = """
 SELECT (SELECT coalesce(max(seq), 0) FROM events) AS latest,
        coalesce((SELECT value FROM meta WHERE key = 'events_pruned_through'), 0) AS pruned
 """
-LATEST_EVENT_SEQ = "SELECT coalesce(max(seq), 0) AS latest FROM events"
 
 # Keep the newest `retention` events; remember the highest id deleted, so resuming below it
 # is known to have missed events even once the table is empty.

@@ -157,7 +157,7 @@ async def problem_middleware(
             detail = f"No route for {request.path}"
         return problem_response(exc.status, exc.reason, detail, headers=headers)
     except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %r", request.method, request.path)  # %r: no forged log lines
         return problem_response(
             500, "Internal Server Error", "The server failed to handle this request."
         )

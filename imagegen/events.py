@@ -130,6 +130,10 @@ class Broadcaster:
             subscription.close("shutdown")
 
 
+class ReplayGap(Exception):
+    """Retention pruned events a replay still had to send."""
+
+
 class EventLog:
     """Reads the events table for replay and keeps it within its retention."""
 
@@ -143,18 +147,19 @@ class EventLog:
         assert row is not None
         return row["latest"], row["pruned"]
 
-    async def latest(self) -> int:
-        row = await self._db.fetch_one(db.LATEST_EVENT_SEQ)
-        assert row is not None
-        return row["latest"]
-
     async def after(self, seq: int, job_id: str | None = None) -> AsyncIterator[JobEvent]:
-        """Every retained event after `seq` (of one job, if given), page by page, in order."""
+        """Every retained event after `seq` (of one job, if given), page by page, in order.
+
+        Raises ReplayGap if retention pruned events after `seq` while the replay went on.
+        """
         while True:
             if job_id is None:
                 rows = await self._db.fetch_all(db.EVENTS_AFTER, (seq, REPLAY_PAGE))
             else:
                 rows = await self._db.fetch_all(db.JOB_EVENTS_AFTER, (job_id, seq, REPLAY_PAGE))
+            _, pruned = await self.horizon()
+            if pruned > seq:
+                raise ReplayGap(f"events after {seq} were pruned during the replay")
             for row in rows:
                 yield JobEvent.from_row(row)
             if len(rows) < REPLAY_PAGE:
@@ -167,7 +172,8 @@ class EventLog:
 
     async def prune(self) -> int:
         """Delete all but the newest `retention` events; return the new pruned-through id."""
-        cutoff = await self.latest() - self._retention
+        latest, _ = await self.horizon()
+        cutoff = latest - self._retention
 
         def op(conn: Any) -> int:
             if cutoff > 0:

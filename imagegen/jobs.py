@@ -22,7 +22,7 @@ from aiohttp import web
 from . import db
 from .config import SETTINGS, Settings
 from .errors import InvalidRequest, JobConflict, JobNotFound, QueueFull
-from .models import JOB_ID_PATTERN, TERMINAL, Job, JobPage, JobStatus, now_text
+from .models import JOB_ID_PATTERN, RENDERINGS_KEPT, TERMINAL, Job, JobPage, JobStatus, now_text
 
 _UUID = re.compile(JOB_ID_PATTERN)
 
@@ -53,7 +53,8 @@ class JobEvent:
         if frame is None:
             data = self.job.to_json(base_url, queue_position)
             frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (self.seq, self.name.encode(), data)
-            self._frames[base_url] = frame
+            if len(self._frames) < RENDERINGS_KEPT:  # see Job.to_json
+                self._frames[base_url] = frame
         return frame
 
     @classmethod
@@ -181,6 +182,8 @@ class JobService:
                 if len(self._recent) > RECENT_JOBS:
                     self._recent.popitem(last=False)
             self._track_pending(event.job_id, event.job_seq, event.status == JobStatus.PENDING)
+            if event.terminal and (timer := self._timers.pop(event.job_id, None)):
+                timer.cancel()  # a retry that will never be wanted
             # Queued from the commit itself, not from the creating request: a request
             # cancelled after its job committed must not leave the job waiting for a restart.
             if event.name == "job.created":
@@ -206,6 +209,11 @@ class JobService:
     @property
     def pending_count(self) -> int:
         return len(self._pending)
+
+    def latest_status(self, job_id: str) -> str | None:
+        """The job's status as of the last commit that changed it, if it changed recently."""
+        latest = self._recent.get(job_id)
+        return None if latest is None else latest.status
 
     def queue_position(self, job_id: str) -> int | None:
         """1 for the next pending job to be claimed; None if the job is not pending."""

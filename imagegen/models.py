@@ -45,6 +45,9 @@ Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 JOB_ID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 
+# How many renderings (one per base URL) a job or an event keeps.
+RENDERINGS_KEPT = 4
+
 # Long enough for a scene description, short enough to keep rows and provider calls small.
 PROMPT_MAX_LENGTH = 500
 
@@ -157,7 +160,10 @@ class Job(_CamelModel):
         rendered = self._json.get(base_url)
         if rendered is None:
             rendered = self.model_dump_json(by_alias=True, context={"base_url": base_url}).encode()
-            self._json[base_url] = rendered
+            # A few base URLs at most: without server.public_url the Host header picks it, and
+            # a client sending a new Host each time must not grow this.
+            if len(self._json) < RENDERINGS_KEPT:
+                self._json[base_url] = rendered
         return rendered
 
     @computed_field  # derived from the stored images, never stored itself

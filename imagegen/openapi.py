@@ -3,17 +3,17 @@
 Each handler declares what it takes and what it answers beside its code:
 
     @operation(
-        "Cancel a job",
+        "Create a generation job",
         tags=("generations",),
-        path=JobPath,                                   # a model: one parameter per field
-        headers=CancelHeaders,                          # request headers, the same way
-        replies={202: Reply(Job, "The job, cancelling.", headers=("Location",))},
-        errors=(404, 409, 422),                         # keys of ERRORS, answered as Problem
+        body=CreateJob.configured,                      # the JSON body's model (or settings -> model)
+        headers=CreateHeaders,                          # a model: one request header per field
+        replies={202: Reply(JobAccepted, "Queued.", headers=("Location",))},
+        errors=(400, 413, 415, 422, 429),               # keys of ERRORS, answered as Problem
     )
-    async def cancel_generation(request): ...
+    async def create_generation(request): ...
 
-A response header is one line in HEADERS, a new error status one line in ERRORS; a stream is
-`Reply(str, "The job's events.", "text/event-stream")`. At start-up apispec assembles the
+`path=` and `query=` take models the same way. A response header is one line in HEADERS, a
+new error status one line in ERRORS; a stream is `Reply(Event, "...", "text/event-stream")`. At start-up apispec assembles the
 document from the app's routes; every schema in it is pydantic's JSON Schema of a model or
 type, adapted to OpenAPI 3.0 in `openapi_schema` alone.
 """

@@ -185,7 +185,8 @@ def _preferred_wait(request: web.Request) -> float | None:
         for preference in header.split(","):
             name, _, value = preference.split(";")[0].strip().partition("=")
             value = value.strip().strip('"')
-            if name.strip().lower() == "wait" and value.isascii() and value.isdigit():
+            # Up to six digits: more than the cap anyway, and int() of a huge string is costly.
+            if name.strip().lower() == "wait" and value.isascii() and value.isdigit() and len(value) <= 6:
                 wait = int(value)
     if wait is None:
         return None

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import SETTINGS
 from .errors import InvalidRequest, invalid_fields
-from .events import BROADCASTER, EVENT_LOG, Subscription
+from .events import BROADCASTER, EVENT_LOG, ReplayGap, Subscription
 from .jobs import JOBS, JobEvent, parse_job_id
 from .models import Job
 from .openapi import Reply, operation
@@ -112,6 +112,7 @@ class _Stream:
         self.sent = 0
         self.response = EventSourceResponse(ping_interval=settings.heartbeat_s)
         self._retry_ms = settings.retry_ms
+        self._watcher: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         sock = self.request.transport.get_extra_info("socket") if self.request.transport else None
@@ -124,9 +125,13 @@ class _Stream:
         self.subscription.on_overflow = transport.abort if transport is not None else None
         # aiohttp-sse's heartbeat task ends when a write to the client fails: that is how an
         # idle stream learns its client is gone, and it must then stop waiting for events.
-        watcher = asyncio.ensure_future(self.response.wait())
-        watcher.add_done_callback(lambda _: self.subscription.close("disconnected"))
+        self._watcher = asyncio.create_task(self.response.wait(), name="imagegen-stream-watcher")
+        self._watcher.add_done_callback(lambda _: self.subscription.close("disconnected"))
         await self.response.write(f"retry: {self._retry_ms}\n\n".encode())
+
+    async def watcher_done(self) -> None:
+        if self._watcher is not None:
+            await asyncio.gather(self._watcher, return_exceptions=True)
 
     async def send(self, event: JobEvent) -> None:
         if event.seq > self.sent:
@@ -139,8 +144,8 @@ class _Stream:
             self.sent = seq
 
     async def send_state(self, job: Job) -> None:
-        """A job's current state, as `job.state`. It carries no id: ids belong to committed
-        events, and the stream's position is already set by the event before it."""
+        """A job's current state, as `job.state`. It carries no id (ids belong to committed
+        events): the caller sends an event with one first (reset or ready)."""
         await self.response.write(b"event: job.state\ndata: %s\n\n" % self.jobs.render(job, self.base))
 
     async def live(self, stop_after_terminal: bool) -> None:
@@ -172,7 +177,8 @@ async def _serve(stream: _Stream, body: Any) -> web.StreamResponse:
     finally:
         stream.subscription.close("done")
         if stream.response.prepared:
-            stream.response.stop_streaming()
+            stream.response.stop_streaming()  # ends the heartbeat, and with it the watcher
+            await stream.watcher_done()
     return stream.response
 
 
@@ -194,25 +200,31 @@ async def stream_all(request: web.Request) -> web.StreamResponse:
     # Subscribe before reading the table: whatever commits after the read is in the buffer.
     subscription = broadcaster.subscribe()
 
+    async def reset(stream: _Stream, latest: int) -> None:
+        await stream.reset(latest, "the requested id is no longer retained")
+        cursor = None
+        while True:  # the current state of every job it follows: all of them
+            page = await jobs.list(200, cursor, None)
+            for job in page.jobs:
+                await stream.send_state(job)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+
     async def body(stream: _Stream) -> None:
         latest, pruned = await event_log.horizon()
         if last_id is None:
             # Give the client an id at once, so a drop before the first change loses nothing.
             await stream.send_plain("ready", {"lastEventId": latest}, latest)
         elif last_id < pruned or last_id > latest:
-            await stream.reset(latest, "the requested id is no longer retained")
-            cursor = None
-            while True:  # the current state of every job it follows: all of them
-                page = await jobs.list(200, cursor, None)
-                for job in page.jobs:
-                    await stream.send_state(job)
-                cursor = page.next_cursor
-                if cursor is None:
-                    break
+            await reset(stream, latest)
         else:
             stream.sent = last_id
-            async for event in event_log.after(last_id):
-                await stream.send(event)
+            try:
+                async for event in event_log.after(last_id):
+                    await stream.send(event)
+            except ReplayGap:
+                await reset(stream, (await event_log.horizon())[0])
         await stream.live(stop_after_terminal=False)
 
     try:
@@ -245,35 +257,46 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
     job = await jobs.get(job_id)  # 404 before any stream starts: EventSource then stops for good
     subscription = broadcaster.subscribe(job_id)
     try:
+        latest, pruned = await event_log.horizon()
         latest_of_job = await event_log.latest_of(job_id)
-        if job.status.terminal and last_id is not None and latest_of_job and latest_of_job.seq <= last_id:
-            # The client already has the final event: 204 tells EventSource not to reconnect.
+        resumable = last_id is not None and pruned <= last_id <= latest
+        if job.status.terminal and resumable and (latest_of_job is None or latest_of_job.seq <= last_id):
+            # The client already has the final state: 204 tells EventSource not to reconnect.
             return web.Response(status=204)
 
-        async def body(stream: _Stream) -> None:
-            latest, pruned = await event_log.horizon()
-            if last_id is not None and pruned <= last_id <= latest:
-                stream.sent = last_id
-                async for event in event_log.after(last_id, job_id):
-                    await stream.send(event)
-                    if event.terminal:
-                        raise _StreamEnded
+        async def state(stream: _Stream) -> None:
+            # The job's row as it is now, after an event that gives the client an id to resume
+            # from (job.state carries none): a reset if its id was too old, else ready.
+            latest, _ = await event_log.horizon()
+            if last_id is not None:
+                await stream.reset(latest, "the requested id is no longer retained")
             else:
-                if last_id is not None:
-                    await stream.reset(latest, "the requested id is no longer retained")
-                # The job's latest event is its current state: the row and the event were
-                # committed together.
+                await stream.send_plain("ready", {"lastEventId": latest}, latest)
+            current = await jobs.get(job_id)
+            await stream.send_state(current)
+            if current.status.terminal:
+                raise _StreamEnded
+
+        async def body(stream: _Stream) -> None:
+            if resumable:
+                stream.sent = last_id
+                try:
+                    async for event in event_log.after(last_id, job_id):
+                        await stream.send(event)
+                        if event.terminal:
+                            raise _StreamEnded
+                except ReplayGap:
+                    await state(stream)
+            elif last_id is None and latest_of_job is not None:
+                # The job's latest event is its current state (the row and the event were
+                # committed together), and it carries an id.
                 current = await event_log.latest_of(job_id)
-                if current is not None:
-                    await stream.send(current)
-                    if current.terminal:
-                        raise _StreamEnded
-                else:  # its events were pruned: send the row itself
-                    state = await jobs.get(job_id)
-                    stream.sent = latest
-                    await stream.send_state(state)
-                    if state.status.terminal:
-                        raise _StreamEnded
+                assert current is not None
+                await stream.send(current)
+                if current.terminal:
+                    raise _StreamEnded
+            else:  # its id is too old, or its events were pruned
+                await state(stream)
             await stream.live(stop_after_terminal=True)
 
         return await _serve(_Stream(request, subscription), body)

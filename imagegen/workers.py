@@ -13,22 +13,28 @@ from aiohttp import web
 from .config import SETTINGS, Settings
 from .db import DATABASE
 from .jobs import JOBS, JobService, committed_events
-from .models import Job
+from .models import Job, JobStatus
 from .providers import PROVIDER, ImageProvider, ImageRequest, ProviderError, render_prompt
 from .storage import IMAGES, ImageStore
 
 log = logging.getLogger(__name__)
 
 
+# The longest Retry-After honoured: a provider asking for more is waited out in steps, one
+# attempt at a time, rather than parking a job for days on one answer.
+RETRY_AFTER_MAX_S = 3600.0
+
+
 def backoff_s(attempt: int, base_s: float, max_s: float, retry_after: float | None) -> float:
     """Seconds to wait before retrying after failed attempt `attempt` (from 1).
 
     Exponential with "equal jitter" (half fixed, half random), so many jobs failing together
-    do not all come back at the same moment; never sooner than the provider's Retry-After.
+    do not all come back at the same moment; never sooner than the provider's Retry-After
+    (up to RETRY_AFTER_MAX_S).
     """
-    ceiling = min(max_s, base_s * 2 ** (attempt - 1))
+    ceiling = min(max_s, base_s * 2 ** min(attempt - 1, 64))
     delay = ceiling / 2 + random.uniform(0, ceiling / 2)
-    return max(delay, retry_after or 0.0)
+    return max(delay, min(retry_after or 0.0, RETRY_AFTER_MAX_S))
 
 
 class WorkerPool:
@@ -101,10 +107,17 @@ class WorkerPool:
         job = await self._jobs.claim(job_id)
         if job is None:
             return  # no longer pending: canceled, or claimed already
+        if self._jobs.latest_status(job_id) != JobStatus.PROCESSING:
+            return  # canceled in the very commit that claimed it, before it could be interrupted
         drawing = asyncio.create_task(self._attempt(job), name=f"imagegen-draw-{job_id}")
         self._drawing[job_id] = drawing
         try:
             await drawing
+        except Exception:
+            # Recording the attempt's outcome failed: fail the job rather than leave it
+            # processing with no worker until the next restart.
+            log.exception("job %s: recording its outcome failed", job_id)
+            await self._jobs.fail(job, "internal_error", "The server failed to record this job's outcome.")
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 # This worker is being stopped and ran out of grace: hand the job back so the

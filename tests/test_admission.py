@@ -110,3 +110,8 @@ async def test_prefer_wait_answers_202_when_time_runs_out(make_client) -> None:
 async def test_unknown_or_malformed_preferences_are_ignored(client: TestClient) -> None:
     response = await client.post("/generations", json={"numImages": 1}, headers={"Prefer": "wait=soon, handling=lenient"})
     assert response.status == 202 and "Preference-Applied" not in response.headers
+
+
+async def test_an_absurd_wait_is_ignored_not_a_500(client: TestClient) -> None:
+    response = await client.post("/generations", json={"numImages": 1}, headers={"Prefer": "wait=" + "9" * 5000})
+    assert response.status == 202 and "Preference-Applied" not in response.headers

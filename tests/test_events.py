@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -196,3 +197,43 @@ async def test_pruning_keeps_the_newest_events(make_client, tmp_path: Path) -> N
     await client.app[EVENT_LOG].prune()
     rows = db_rows(tmp_path / "data", "SELECT name FROM events ORDER BY seq")
     assert [r["name"] for r in rows] == LIFE[-4:]
+
+
+async def test_a_running_jobs_stream_with_too_old_an_id_resets_to_its_state_then_goes_live(make_client) -> None:
+    client = await make_client(events={"retention": 1}, provider={"delay_s": 0.2})
+    job_id = await create_job(client, numImages=3)
+    await wait_for_status(client, job_id, {"processing"})
+    assert await client.app[EVENT_LOG].prune() >= 1  # event 1 (job.created) is gone
+    reader = await open_stream(client, f"/generations/{job_id}/events", last_id=0)
+    events = await reader.rest()
+    assert [e.name for e in events[:2]] == ["reset", "job.state"]
+    assert events[1].job["status"] == "processing"
+    assert events[-1].name == "job.completed", "then its changes, live, to the end"
+
+
+async def test_a_finished_job_with_pruned_events_gives_an_id_then_204(make_client) -> None:
+    client = await make_client(events={"retention": 1})
+    job_id = await create_job(client)
+    await wait_for_status(client, job_id, {"completed"})
+    await wait_for_status(client, await create_job(client), {"completed"})
+    await client.app[EVENT_LOG].prune()
+    reader = await open_stream(client, f"/generations/{job_id}/events")
+    ready, state = await reader.rest()
+    assert (ready.name, state.name, state.job["status"]) == ("ready", "job.state", "completed")
+    again = await client.get(f"/generations/{job_id}/events", headers={"Last-Event-ID": ready.id})
+    assert again.status == 204
+
+
+async def test_a_replay_that_retention_overtakes_says_so(make_client) -> None:
+    from imagegen.events import REPLAY_PAGE, ReplayGap
+    from imagegen.jobs import JOBS
+
+    client = await make_client(events={"retention": 10}, workers={"max_pending": 10_000})
+    jobs = client.app[JOBS]
+    await asyncio.gather(*(jobs.create(1, "cat") for _ in range(REPLAY_PAGE + 50)))
+    replay = client.app[EVENT_LOG].after(0)
+    await anext(replay)  # the first page is read
+    await client.app[EVENT_LOG].prune()  # retention catches up with the replay
+    with pytest.raises(ReplayGap):
+        async for _ in replay:
+            pass

@@ -69,3 +69,11 @@ async def test_anything_else_under_images_is_404(client: TestClient, path: str) 
     response = await client.get(path.format(job=job_id, other=uuid.uuid4()))
     assert response.status == 404
     assert response.content_type == "application/problem+json"
+
+
+@pytest.mark.parametrize("index", ["9" * 5000, "٠", "1234567"])
+async def test_absurd_or_foreign_digit_indexes_are_404_not_500(client: TestClient, index: str) -> None:
+    job_id = await create_job(client)
+    await wait_for_status(client, job_id, {"completed"})
+    response = await client.get(f"/images/{job_id}/{index}.png")
+    assert response.status == 404

@@ -204,3 +204,10 @@ async def test_a_deleted_jobs_idempotency_key_can_create_again(client: TestClien
     again = await client.post("/generations", json={"numImages": 1}, headers=headers)
     assert again.status == 202 and "Idempotent-Replayed" not in again.headers
     assert (await again.json())["jobId"] != first
+
+
+def test_an_absurd_retry_after_is_capped() -> None:
+    from imagegen.workers import RETRY_AFTER_MAX_S
+
+    assert backoff_s(1, 1.0, 60.0, retry_after=3e11) == RETRY_AFTER_MAX_S
+    assert backoff_s(500, 1.0, 60.0, None) <= 60.0  # no overflow for a huge attempt count

@@ -8,6 +8,8 @@ import uuid
 import pytest
 from aiohttp.test_utils import TestClient
 
+from imagegen.jobs import JOBS
+
 from .conftest import create_job, wait_for_status
 
 ISO_MS_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -115,3 +117,15 @@ async def test_job_id_with_a_trailing_newline_is_422(client: TestClient) -> None
     job_id = await create_job(client)
     response = await client.get(f"/generations/{job_id}%0A")
     assert response.status == 422
+
+
+async def test_a_host_header_per_request_does_not_grow_memory(client: TestClient) -> None:
+    from imagegen.models import RENDERINGS_KEPT
+
+    job_id = await create_job(client)
+    await wait_for_status(client, job_id, {"completed"})
+    for n in range(20):
+        response = await client.get(f"/generations/{job_id}", headers={"Host": f"host-{n}.example"})
+        assert (await response.json())["imageUrls"][0].startswith(f"http://host-{n}.example/")
+    job = await client.app[JOBS].get(job_id)
+    assert len(job._json) <= RENDERINGS_KEPT
