@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import socket
 from typing import Any
 
@@ -13,7 +12,7 @@ from aiohttp_sse import EventSourceResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import SETTINGS
-from .errors import InvalidRequest, invalid_fields
+from .errors import invalid_fields
 from .events import BROADCASTER, EVENT_LOG, ReplayGap, Subscription
 from .jobs import JOBS, JobEvent, parse_job_id
 from .models import Job
@@ -86,12 +85,12 @@ def _last_event_id(request: web.Request) -> int | None:
     except ValidationError as exc:
         raise invalid_fields(exc, "query") from None
     header = request.headers.get("Last-Event-ID")
-    if header is not None and not re.fullmatch(EVENT_ID_PATTERN, header.strip()):
-        raise InvalidRequest(
-            "Last-Event-ID must be an event id this service sent (a whole number)",
-            invalid_params=[{"name": "Last-Event-ID", "in": "header", "reason": "not an event id"}],
-        )
-    raw = header.strip() if header is not None else query.last_event_id
+    if header is not None:
+        try:
+            header = StreamHeaders.model_validate({"Last-Event-ID": header.strip()}).last_event_id
+        except ValidationError as exc:
+            raise invalid_fields(exc, "header") from None
+    raw = header if header is not None else query.last_event_id
     return int(raw) if raw else None
 
 
