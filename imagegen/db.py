@@ -32,11 +32,6 @@ MAX_BATCH = 512
 
 # --- queries -------------------------------------------------------------------------------
 
-INSERT_JOB = """
-INSERT INTO jobs (id, num_images, animal, prompt, created_at, updated_at)
-VALUES (?, ?, ?, ?, ?, ?)
-"""
-
 SELECT_JOB = "SELECT * FROM jobs WHERE id = ?"
 
 # Newest first; seq is the cursor, so rows inserted while a client walks the list never shift it.
@@ -123,16 +118,27 @@ EVENT_COLUMNS = (
 
 # The event for a change just made to job ?2, with the job row as it now is: the snapshot is
 # built by SQLite in the same transaction, so it is exactly what was committed.
-INSERT_EVENT = f"""
-INSERT INTO events (job_id, name, job, created_at)
-SELECT id, ?1, json_object(
+_SNAPSHOT = """json_object(
            'seq', seq, 'id', id, 'status', status, 'num_images', num_images, 'animal', animal,
            'prompt', prompt, 'images', images, 'attempts', attempts, 'error_code', error_code,
            'error_message', error_message, 'error_retryable', error_retryable,
            'created_at', created_at, 'updated_at', updated_at, 'started_at', started_at,
-           'completed_at', completed_at),
-       updated_at
+           'completed_at', completed_at)"""
+INSERT_EVENT = f"""
+INSERT INTO events (job_id, name, job, created_at)
+SELECT id, ?1, {_SNAPSHOT}, updated_at
 FROM jobs WHERE id = ?2
+RETURNING {EVENT_COLUMNS}
+"""
+
+# Many new jobs in one statement (a group commit's creates): the VALUES rows are appended.
+INSERT_JOBS = "INSERT INTO jobs (id, num_images, animal, prompt, created_at, updated_at) VALUES "
+INSERT_JOBS_ROW = "(?, ?, ?, ?, ?, ?)"
+# Their job.created events: the rows one INSERT made have consecutive seqs.
+INSERT_CREATED_EVENTS = f"""
+INSERT INTO events (job_id, name, job, created_at)
+SELECT id, 'job.created', {_SNAPSHOT}, updated_at
+FROM jobs WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq
 RETURNING {EVENT_COLUMNS}
 """
 
@@ -292,6 +298,22 @@ def _finish(item: _Pending, ok: bool, result: Any) -> tuple[bool, Any]:
         return False, exc
 
 
+def _run(conn: sqlite3.Connection, ops: list[WriteOp[Any]]) -> list[Any]:
+    """Run the ops in order. Consecutive ops that share a `run_together` function (say, creates)
+    run through it as one group: one statement for all of them instead of a few each, which
+    matters because every statement is a trip through the GIL the event loop is busy with."""
+    results: list[Any] = []
+    start = 0
+    while start < len(ops):
+        together = getattr(ops[start], "run_together", None)
+        end = start + 1
+        while together is not None and end < len(ops) and getattr(ops[end], "run_together", None) is together:
+            end += 1
+        results.extend(together(conn, ops[start:end]) if together else [ops[start](conn)])
+        start = end
+    return results
+
+
 def _commit(conn: sqlite3.Connection, ops: list[WriteOp[Any]]) -> list[tuple[bool, Any]]:
     """On the writer thread: every op in one transaction and one commit (one fsync).
 
@@ -300,7 +322,7 @@ def _commit(conn: sqlite3.Connection, ops: list[WriteOp[Any]]) -> list[tuple[boo
     """
     try:
         conn.execute("BEGIN IMMEDIATE")
-        results = [op(conn) for op in ops]
+        results = _run(conn, ops)
         conn.commit()
         return [(True, result) for result in results]
     except Exception as exc:

@@ -122,6 +122,29 @@ def _to_events(rows: list[tuple[Any, ...]]) -> list[JobEvent]:
     return [JobEvent.from_row(row) for row in rows]
 
 
+def _insert_jobs(conn: sqlite3.Connection, new_jobs: list[_NewJob]) -> list[list[tuple[Any, ...]]]:
+    """Insert many jobs and their job.created events with two statements; each job's events."""
+    cursor = conn.execute(
+        db.INSERT_JOBS + ", ".join([db.INSERT_JOBS_ROW] * len(new_jobs)),
+        [value for new_job in new_jobs for value in new_job.params],
+    )
+    last = cursor.lastrowid
+    assert last is not None
+    events = {row["job_id"]: row for row in conn.execute(db.INSERT_CREATED_EVENTS, (last - len(new_jobs) + 1, last))}
+    return [[events[new_job.params[0]]] for new_job in new_jobs]
+
+
+@dataclass(frozen=True)
+class _NewJob:
+    """The write op of a create without an idempotency key; a group commit's many run as one."""
+
+    params: tuple[Any, ...]  # db.INSERT_JOBS_ROW's values
+    run_together = staticmethod(_insert_jobs)
+
+    def __call__(self, conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+        return _insert_jobs(conn, [self])[0]
+
+
 @dataclass(frozen=True)
 class _KeyReused:
     """The write found the Idempotency-Key already used: by this job, for this body or not."""
@@ -292,15 +315,14 @@ class JobService:
         job_id = str(uuid.uuid4())
         params = (job_id, num_images, animal or random.choice(self._settings.animals), prompt, now, now)
 
-        def op(conn: sqlite3.Connection) -> list[tuple[Any, ...]] | _KeyReused:
-            if idempotency_key:
-                used = conn.execute(db.IDEMPOTENCY_KEY, (idempotency_key,)).fetchone()
-                if used is not None:
-                    return _KeyReused(used["job_id"], used["request_hash"] == fingerprint)
-                conn.execute(db.INSERT_IDEMPOTENCY_KEY, (idempotency_key, fingerprint, job_id, now))
-            conn.execute(db.INSERT_JOB, params)
-            return conn.execute(db.INSERT_EVENT, ("job.created", job_id)).fetchall()
+        def keyed(conn: sqlite3.Connection) -> list[tuple[Any, ...]] | _KeyReused:
+            used = conn.execute(db.IDEMPOTENCY_KEY, (idempotency_key,)).fetchone()
+            if used is not None:
+                return _KeyReused(used["job_id"], used["request_hash"] == fingerprint)
+            conn.execute(db.INSERT_IDEMPOTENCY_KEY, (idempotency_key, fingerprint, job_id, now))
+            return _NewJob(params)(conn)
 
+        op = keyed if idempotency_key else _NewJob(params)
         self._admitting += 1
         try:
             result = await self._db.write(op, lambda r: r if isinstance(r, _KeyReused) else _to_events(r))
