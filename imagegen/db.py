@@ -131,16 +131,13 @@ FROM jobs WHERE id = ?2
 RETURNING {EVENT_COLUMNS}
 """
 
-# Many new jobs in one statement (a group commit's creates): the VALUES rows are appended.
+# Many new jobs, and then their job.created events, in one statement each (a group commit's
+# creates): the VALUES rows are appended. jobs._NewJob writes those snapshots itself, with
+# _SNAPSHOT's keys in its order (tests/test_db.py checks they agree).
 INSERT_JOBS = "INSERT INTO jobs (id, num_images, animal, prompt, created_at, updated_at) VALUES "
 INSERT_JOBS_ROW = "(?, ?, ?, ?, ?, ?)"
-# Their job.created events: the rows one INSERT made have consecutive seqs.
-INSERT_CREATED_EVENTS = f"""
-INSERT INTO events (job_id, name, job, created_at)
-SELECT id, 'job.created', {_SNAPSHOT}, updated_at
-FROM jobs WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq
-RETURNING {EVENT_COLUMNS}
-"""
+INSERT_EVENTS = "INSERT INTO events (job_id, name, job, created_at) VALUES "
+INSERT_EVENTS_ROW = "(?, ?, ?, ?)"
 
 # Replay pages: events after an id, in commit order.
 EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?"

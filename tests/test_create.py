@@ -110,3 +110,12 @@ async def test_unknown_route_is_404_problem(client: TestClient) -> None:
     response = await client.get("/nothing-here")
     assert response.status == 404
     assert response.content_type == "application/problem+json"
+
+
+async def test_job_ids_are_version_7_uuids_that_grow_with_time(client: TestClient) -> None:
+    import uuid
+
+    ids = [(await (await client.post("/generations", json={"numImages": 1})).json())["jobId"] for _ in range(3)]
+    assert all(uuid.UUID(job_id).version == 7 and uuid.UUID(job_id).variant == uuid.RFC_4122 for job_id in ids)
+    # The first 48 bits are milliseconds: later ids never sort before earlier ones' milliseconds.
+    assert [job_id[:13] for job_id in ids] == sorted(job_id[:13] for job_id in ids)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from pathlib import Path
 
@@ -79,3 +80,26 @@ async def test_a_cancelled_caller_still_gets_its_write_committed(tmp_path: Path)
     assert db_rows(tmp_path / "data", "SELECT count(*) AS n FROM jobs")[0]["n"] == 1
     # ... and it is queued for the workers, not left waiting for the next restart.
     assert service.queue.qsize() == 1
+
+
+async def test_a_created_events_snapshot_is_what_sqlite_would_write(client, tmp_path: Path) -> None:
+    # Creates write their job.created snapshot in Python (the hot path); every other event's
+    # snapshot is SQLite's json_object. Both must describe the row the same way.
+    from imagegen.db import _SNAPSHOT
+
+    response = await client.post("/generations", json={"numImages": 2, "animal": "owl", "prompt": 'a "quoted" 100% owl'})
+    job_id = (await response.json())["jobId"]
+    conn = sqlite3.connect(tmp_path / "data" / "imagegen.sqlite3")
+    try:
+        (written,) = conn.execute("SELECT job FROM events WHERE job_id = ? AND name = 'job.created'", (job_id,)).fetchone()
+        # The row as it was at creation: the worker may have moved it on since.
+        (expected,) = conn.execute(
+            f"SELECT {_SNAPSHOT} FROM (SELECT seq, id, 'pending' AS status, num_images, animal, prompt, '[]' AS images,"
+            " 0 AS attempts, NULL AS error_code, NULL AS error_message, NULL AS error_retryable, created_at,"
+            " created_at AS updated_at, NULL AS started_at, NULL AS completed_at FROM jobs WHERE id = ?)",
+            (job_id,),
+        ).fetchone()
+    finally:
+        conn.close()
+    assert json.loads(written) == json.loads(expected)
+    assert list(json.loads(written)) == list(json.loads(expected))  # the same keys, in the same order
