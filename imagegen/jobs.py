@@ -13,7 +13,6 @@ import random
 import re
 import sqlite3
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -85,7 +84,8 @@ def uuid7() -> str:
     value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
     value = value & ~(0xF << 76) | 0x7 << 76  # version 7
     value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 9562 variant
-    return str(uuid.UUID(int=value))
+    text = f"{value:032x}"  # uuid.UUID's own formatting, without building the object
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def parse_job_id(text: str) -> str:
@@ -180,13 +180,15 @@ class _NewJob:
 
     @classmethod
     def of(cls, job_id: str, num_images: int, animal: str, prompt: str | None, now: str) -> _NewJob:
-        row = {
-            "id": job_id, "status": JobStatus.PENDING.value, "num_images": num_images, "animal": animal,
-            "prompt": prompt, "images": "[]", "attempts": 0, "error_code": None, "error_message": None,
-            "error_retryable": None, "created_at": now, "updated_at": now, "started_at": None,
-            "completed_at": None,
-        }
-        return cls((job_id, num_images, animal, prompt, now, now), json.dumps(row, separators=(",", ":"))[1:])
+        # Written out rather than json.dumps of a dict: this runs for every create, and only the
+        # free-text values need encoding (the id is a UUID, now a timestamp, num_images an int).
+        tail = (
+            f'"id":"{job_id}","status":"pending","num_images":{int(num_images)},'
+            f'"animal":{json.dumps(animal)},"prompt":{json.dumps(prompt)},"images":"[]","attempts":0,'
+            f'"error_code":null,"error_message":null,"error_retryable":null,'
+            f'"created_at":"{now}","updated_at":"{now}","started_at":null,"completed_at":null}}'
+        )
+        return cls((job_id, num_images, animal, prompt, now, now), tail)
 
     def __call__(self, conn: sqlite3.Connection) -> list[dict[str, Any]]:
         return _insert_jobs(conn, [self])[0]
