@@ -38,7 +38,10 @@ class JobEvent:
     snapshot: str  # the job's row as JSON, exactly as committed with this event
     job_seq: int  # the job's own seq (its place in creation order), read from the snapshot
     status: str  # the job's status after the change, read from the snapshot
-    # The event as an SSE frame, per base URL: thousands of subscribers share one rendering.
+    # The job's JSON, and the event as an SSE frame, per base URL: a committed event never
+    # changes, so thousands of subscribers and pollers share one rendering. (Plain dicts on
+    # this dataclass: a pydantic private attribute costs a slow __getattr__ on every read.)
+    _json: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
     _frames: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     @functools.cached_property
@@ -47,12 +50,25 @@ class JobEvent:
         # are never looked at beyond their job id and status.
         return Job.from_row(json.loads(self.snapshot))
 
+    def json(self, base_url: str, queue_position: int | None = None) -> bytes:
+        """The job after this event, as GET /generations/{jobId} shows it."""
+        if self.status == JobStatus.PENDING:  # its queue position changes: never kept
+            return self.job.to_json(base_url, queue_position)
+        rendered = self._json.get(base_url)
+        if rendered is None:
+            rendered = self.job.to_json(base_url)
+            # A few base URLs at most: without server.public_url the Host header picks it, and
+            # a client sending a new Host each time must not grow this.
+            if len(self._json) < RENDERINGS_KEPT:
+                self._json[base_url] = rendered
+        return rendered
+
     def frame(self, base_url: str, queue_position: int | None = None) -> bytes:
         """This event as a server-sent-events frame, its data the job as GET would show it
         (a pending job's queue position is the one when the frame is first rendered)."""
         frame = self._frames.get(base_url)
         if frame is None:
-            data = self.job.to_json(base_url, queue_position)
+            data = self.json(base_url, queue_position)
             frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (self.seq, self.name.encode(), data)
             if len(self._frames) < RENDERINGS_KEPT:  # see Job.to_json
                 self._frames[base_url] = frame
@@ -295,6 +311,15 @@ class JobService:
     def render(self, job: Job, base_url: str) -> bytes:
         """The job's JSON as the API shows it now."""
         return job.to_json(base_url, self.queue_position(job.job_id))
+
+    async def render_current(self, job_id: str, base_url: str) -> bytes:
+        """The job's JSON as the API shows it now; from memory if it changed recently (the
+        hot path of polling). JobNotFound if there is no such job."""
+        latest = self._recent.get(job_id)
+        if latest is None:
+            return self.render(await self.get(job_id), base_url)
+        self._recent.move_to_end(job_id)
+        return latest.json(base_url, self.queue_position(job_id))
 
     async def find(self, job_id: str) -> Job | None:
         latest = self._recent.get(job_id)

@@ -12,7 +12,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     SerializationInfo,
     computed_field,
     create_model,
@@ -45,7 +44,7 @@ Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 JOB_ID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 
-# How many renderings (one per base URL) a job or an event keeps.
+# How many renderings (one per base URL) an event keeps.
 RENDERINGS_KEPT = 4
 
 # Long enough for a scene description, short enough to keep rows and provider calls small.
@@ -148,23 +147,11 @@ class Job(_CamelModel):
     updated_at: Timestamp
     started_at: Timestamp | None
     completed_at: Timestamp | None
-    # This job's JSON per base URL: a job object never changes, so it is rendered once.
-    _json: dict[str, bytes] = PrivateAttr(default_factory=dict)
-
     def to_json(self, base_url: str, queue_position: int | None = None) -> bytes:
         """The job as GET /generations/{jobId} shows it, with image URLs under `base_url`
         and, if it is pending, its current `queue_position`."""
-        if self.status is JobStatus.PENDING:
-            context = {"base_url": base_url, "queue_position": queue_position}
-            return self.model_dump_json(by_alias=True, context=context).encode()
-        rendered = self._json.get(base_url)
-        if rendered is None:
-            rendered = self.model_dump_json(by_alias=True, context={"base_url": base_url}).encode()
-            # A few base URLs at most: without server.public_url the Host header picks it, and
-            # a client sending a new Host each time must not grow this.
-            if len(self._json) < RENDERINGS_KEPT:
-                self._json[base_url] = rendered
-        return rendered
+        context = {"base_url": base_url, "queue_position": queue_position}
+        return self.model_dump_json(by_alias=True, context=context).encode()
 
     @computed_field  # derived from the stored images, never stored itself
     @property

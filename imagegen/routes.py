@@ -222,9 +222,8 @@ async def _wait_until_finished(request: web.Request, job_id: str, wait_s: float)
 )
 async def get_generation(request: web.Request) -> web.Response:
     """GET /generations/{jobId}: the job as it is now."""
-    jobs = request.app[JOBS]
-    job = await jobs.get(parse_job_id(request.match_info["jobId"]))
-    return web.Response(body=jobs.render(job, base_url(request)), content_type=JSON)
+    body = await request.app[JOBS].render_current(parse_job_id(request.match_info["jobId"]), base_url(request))
+    return web.Response(body=body, content_type=JSON)
 
 
 @operation(
