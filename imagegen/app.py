@@ -28,6 +28,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[IMAGES] = ImageStore(settings.storage.data_dir)
     app[routes.CREATE_JOB] = CreateJob.configured(settings)
+    app[routes.PUBLIC_URL] = settings.server.public_url
     # Order matters: each context needs the ones before it, and they unwind in reverse,
     # so the workers stop before the provider closes and the database closes last.
     app.cleanup_ctx.append(database_context(settings.database_path))

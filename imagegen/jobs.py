@@ -318,7 +318,8 @@ class JobService:
         latest = self._recent.get(job_id)
         if latest is None:
             return self.render(await self.get(job_id), base_url)
-        self._recent.move_to_end(job_id)
+        # Not moved to the end: what stays in memory is what changed last, not what was read
+        # last, which keeps this, the commonest request, to two dict lookups.
         return latest.json(base_url, self.queue_position(job_id))
 
     async def find(self, job_id: str) -> Job | None:

@@ -75,7 +75,11 @@ class ImageHeaders(BaseModel):
 
 def base_url(request: web.Request) -> str:
     """The base of absolute URLs: server.public_url, else the request's own scheme and host."""
-    return request.app[SETTINGS].server.public_url or f"{request.scheme}://{request.host}"
+    return request.app[PUBLIC_URL] or f"{request.scheme}://{request.host}"
+
+
+# server.public_url, looked up once per request rather than through the settings models.
+PUBLIC_URL = web.AppKey("public_url", str)
 
 
 def single_query(request: web.Request) -> dict[str, str]:
