@@ -7,7 +7,7 @@ from aiohttp import web
 from .config import SETTINGS, Settings
 from .db import database_context
 from .docs import add_docs
-from .errors import problem_middleware
+from .errors import add_fallback_route, problem_errors
 from .events import end_streams, events_context
 from .jobs import jobs_context
 from .models import CreateJob
@@ -24,7 +24,7 @@ MAX_BODY_BYTES = 16 * 1024
 
 def create_app(settings: Settings) -> web.Application:
     """Build the app; its resources open on startup and close in reverse order on cleanup."""
-    app = web.Application(middlewares=[problem_middleware], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app[IMAGES] = ImageStore(settings.storage.data_dir)
     app[routes.CREATE_JOB] = CreateJob.configured(settings)
@@ -41,22 +41,24 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(begin_stopping_workers)
     _add_routes(app.router)
     add_docs(app)
+    add_fallback_route(app.router)  # last: it takes whatever the others do not
     return app
 
 
 def _add_routes(router: web.UrlDispatcher) -> None:
-    # No implicit HEAD routes: what is served is exactly what is documented.
-    router.add_get("/", page.index, allow_head=False)
-    router.add_post("/generations", routes.create_generation)
-    router.add_get("/generations", routes.list_generations, allow_head=False)
+    # No implicit HEAD routes: what is served is exactly what is documented. Every handler
+    # answers its errors as problem+json (errors.problem_errors).
+    router.add_get("/", problem_errors(page.index), allow_head=False)
+    router.add_post("/generations", problem_errors(routes.create_generation))
+    router.add_get("/generations", problem_errors(routes.list_generations), allow_head=False)
     # The event streams go before {jobId}: "events" would otherwise be taken for a job id.
-    router.add_get("/generations/events", streams.stream_all, allow_head=False)
-    router.add_get("/generations/{jobId}/events", streams.stream_job, allow_head=False)
+    router.add_get("/generations/events", problem_errors(streams.stream_all), allow_head=False)
+    router.add_get("/generations/{jobId}/events", problem_errors(streams.stream_job), allow_head=False)
     # "events" is never a job id: without the lookahead, DELETE /generations/events would
     # reach delete_generation and the Allow header of /generations/events would list DELETE.
     job = "/generations/{jobId:(?!events$)[^{}/]+}"
-    router.add_get(job, routes.get_generation, allow_head=False)
-    router.add_delete(job, routes.delete_generation)
-    router.add_post("/generations/{jobId}/cancel", routes.cancel_generation)
+    router.add_get(job, problem_errors(routes.get_generation), allow_head=False)
+    router.add_delete(job, problem_errors(routes.delete_generation))
+    router.add_post("/generations/{jobId}/cancel", problem_errors(routes.cancel_generation))
     # ASCII digits only (\d would take other scripts' digits), and no more than an index can be.
-    router.add_get(r"/images/{jobId}/{index:[0-9]{1,6}}.png", routes.get_image, allow_head=False)
+    router.add_get(r"/images/{jobId}/{index:[0-9]{1,6}}.png", problem_errors(routes.get_image), allow_head=False)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, Field
 
+from .errors import problem_errors
 from .openapi import Reply, build_document, operation
 
 HTML = "text/html"
@@ -170,9 +171,9 @@ def _version() -> str:
 def add_docs(app: web.Application) -> None:
     """Register the documentation routes, and build the document when the app starts."""
     router = app.router
-    router.add_get("/openapi.json", openapi_json, allow_head=False)
-    router.add_get("/docs", swagger_ui, allow_head=False)
-    router.add_get("/redoc", redoc, allow_head=False)
+    router.add_get("/openapi.json", problem_errors(openapi_json), allow_head=False)
+    router.add_get("/docs", problem_errors(swagger_ui), allow_head=False)
+    router.add_get("/redoc", problem_errors(redoc), allow_head=False)
     names = "|".join(map(re.escape, ASSETS))
-    router.add_get(f"/docs/assets/{{name:{names}}}", docs_asset, allow_head=False)
+    router.add_get(f"/docs/assets/{{name:{names}}}", problem_errors(docs_asset), allow_head=False)
     app.on_startup.append(_build_document)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class InvalidParam(BaseModel):
@@ -137,27 +140,54 @@ def _camel(name: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
-@web.middleware
-async def problem_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Map ApiError and aiohttp's own HTTP errors to problem+json; hide the rest behind a 500."""
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return problem_response(exc.status, exc.title, exc.detail, headers=exc.headers, **exc.extra)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-        detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
-        if exc.status == 405:
-            detail = f"{request.method} is not allowed here; allowed: {headers.get('Allow', '')}"
-        elif exc.status == 404:
-            detail = f"No route for {request.path}"
-        return problem_response(exc.status, exc.reason, detail, headers=headers)
-    except Exception:
-        log.exception("unhandled error on %s %r", request.method, request.path)  # %r: no forged log lines
-        return problem_response(
-            500, "Internal Server Error", "The server failed to handle this request."
-        )
+def problem_errors(handler: Handler) -> Handler:
+    """`handler`, with every error it raises answered as problem+json: ApiError as itself,
+    aiohttp's HTTP errors (413, 404, ...) by their status, anything else as a logged 500.
+
+    Applied to each handler where the routes are added, rather than as a middleware: with any
+    middleware, aiohttp runs two more coroutine layers on every request (the middleware and its
+    own current-app fix-up), measured at about 6% of a GET.
+    """
+
+    @functools.wraps(handler)
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return problem_response(exc.status, exc.title, exc.detail, headers=exc.headers, **exc.extra)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+            detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+            if exc.status == 405:
+                detail = f"{request.method} is not allowed here; allowed: {headers.get('Allow', '')}"
+            elif exc.status == 404:
+                detail = f"No route for {request.path}"
+            return problem_response(exc.status, exc.reason, detail, headers=headers)
+        except Exception:
+            log.exception("unhandled error on %s %r", request.method, request.path)  # %r: no forged log lines
+            return problem_response(
+                500, "Internal Server Error", "The server failed to handle this request."
+            )
+
+    return handle  # type: ignore[return-value]
+
+
+async def _no_route(request: web.Request) -> web.StreamResponse:
+    # Reached only when no route took the request: tell a wrong method (405, with the methods
+    # the path has) from a wrong path (404), as aiohttp's router would.
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
+def add_fallback_route(router: web.UrlDispatcher) -> None:
+    """The last route: a path or method nothing else serves gets 404 or 405 as problem+json
+    (without it, aiohttp's router would answer those in plain text). Its method is "*"."""
+    router.add_route("*", "/{path:.*}", problem_errors(_no_route))

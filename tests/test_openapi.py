@@ -16,7 +16,12 @@ from imagegen.openapi import Reply, openapi_schema, operation
 def undocumented_routes(app: web.Application, document: dict[str, Any]) -> list[str]:
     """Every route of `app` that the document lacks (a HEAD route too), and every documented
     operation that is no route: empty when the document describes exactly what is served."""
-    served = {(route.method.lower(), route.resource.canonical) for route in app.router.routes() if route.resource}
+    # The "*" route is errors.add_fallback_route's: it answers 404 and 405, and serves nothing.
+    served = {
+        (route.method.lower(), route.resource.canonical)
+        for route in app.router.routes()
+        if route.resource and route.method != "*"
+    }
     documented = {(method, path) for path, item in document["paths"].items() for method in item}
     return sorted(f"{method.upper()} {path}" for method, path in served ^ documented)
 
