@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
-import functools
 import hashlib
 import json
 import os
@@ -14,7 +13,7 @@ import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,32 +27,47 @@ from .models import JOB_ID_PATTERN, RENDERINGS_KEPT, TERMINAL, Job, JobPage, Job
 _UUID = re.compile(JOB_ID_PATTERN)
 
 
-@dataclass(frozen=True)
 class JobEvent:
-    """A committed change of a job: its id in the events table, its name, the job after it."""
+    """A committed change of a job: its id in the events table, its name, the job after it.
 
-    seq: int
-    name: str
-    job_id: str
-    snapshot: str  # the job's row as JSON, exactly as committed with this event
-    job_seq: int  # the job's own seq (its place in creation order), read from the snapshot
-    status: str  # the job's status after the change, read from the snapshot
-    # The job's JSON, and the event as an SSE frame, per base URL: a committed event never
-    # changes, so thousands of subscribers and pollers share one rendering. (Plain dicts on
-    # this dataclass: a pydantic private attribute costs a slow __getattr__ on every read.)
-    _json: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
-    _frames: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+    A plain class with slots rather than a frozen dataclass: every create makes one, on the
+    event loop's busiest path, and a frozen dataclass's __init__ is several times slower.
+    Treat it as immutable.
+    """
 
-    @functools.cached_property
+    __slots__ = ("seq", "name", "job_id", "snapshot", "job_seq", "status", "_job", "_json", "_frames")
+
+    def __init__(self, seq: int, name: str, job_id: str, snapshot: str, job_seq: int, status: str) -> None:
+        self.seq = seq
+        self.name = name
+        self.job_id = job_id
+        self.snapshot = snapshot  # the job's row as JSON, exactly as committed with this event
+        self.job_seq = job_seq  # the job's own seq (its place in creation order)
+        self.status = status  # the job's status after the change
+        self._job: Job | None = None
+        # The job's JSON, and the event as an SSE frame, per base URL: a committed event never
+        # changes, so thousands of subscribers and pollers share one rendering. Made on first
+        # use (a pydantic private attribute would cost a slow __getattr__ on every read).
+        self._json: dict[str, bytes] | None = None
+        self._frames: dict[str, bytes] | None = None
+
+    def __repr__(self) -> str:
+        return f"JobEvent({self.seq}, {self.name!r}, {self.job_id!r}, status={self.status!r})"
+
+    @property
     def job(self) -> Job:
         # Parsed on first use: most events of a busy server (a create with nobody streaming)
         # are never looked at beyond their job id and status.
-        return Job.from_row(json.loads(self.snapshot))
+        if self._job is None:
+            self._job = Job.from_row(json.loads(self.snapshot))
+        return self._job
 
     def json(self, base_url: str, queue_position: int | None = None) -> bytes:
         """The job after this event, as GET /generations/{jobId} shows it."""
         if self.status == JobStatus.PENDING:  # its queue position changes: never kept
             return self.job.to_json(base_url, queue_position)
+        if self._json is None:
+            self._json = {}
         rendered = self._json.get(base_url)
         if rendered is None:
             rendered = self.job.to_json(base_url)
@@ -66,6 +80,8 @@ class JobEvent:
     def frame(self, base_url: str, queue_position: int | None = None) -> bytes:
         """This event as a server-sent-events frame, its data the job as GET would show it
         (a pending job's queue position is the one when the frame is first rendered)."""
+        if self._frames is None:
+            self._frames = {}
         frame = self._frames.get(base_url)
         if frame is None:
             data = self.json(base_url, queue_position)
@@ -208,6 +224,10 @@ class _NewJob:
 
     def __call__(self, conn: sqlite3.Connection) -> list[dict[str, Any]]:
         return _insert_jobs(conn, [self])[0]
+
+
+def _created(result: Any) -> Any:
+    return result if isinstance(result, _KeyReused) else _to_events(result)
 
 
 @dataclass(frozen=True)
@@ -390,17 +410,19 @@ class JobService:
         job_id = uuid7()
         new_job = _NewJob.of(job_id, num_images, animal or random.choice(self._settings.animals), prompt, now)
 
-        def keyed(conn: sqlite3.Connection) -> list[tuple[Any, ...]] | _KeyReused:
-            used = conn.execute(db.IDEMPOTENCY_KEY, (idempotency_key,)).fetchone()
-            if used is not None:
-                return _KeyReused(used["job_id"], used["request_hash"] == fingerprint)
-            conn.execute(db.INSERT_IDEMPOTENCY_KEY, (idempotency_key, fingerprint, job_id, now))
-            return new_job(conn)
+        op: db.WriteOp[Any] = new_job
+        if idempotency_key:
 
-        op = keyed if idempotency_key else new_job
+            def op(conn: sqlite3.Connection) -> list[dict[str, Any]] | _KeyReused:
+                used = conn.execute(db.IDEMPOTENCY_KEY, (idempotency_key,)).fetchone()
+                if used is not None:
+                    return _KeyReused(used["job_id"], used["request_hash"] == fingerprint)
+                conn.execute(db.INSERT_IDEMPOTENCY_KEY, (idempotency_key, fingerprint, job_id, now))
+                return new_job(conn)
+
         self._admitting += 1
         try:
-            result = await self._db.write(op, lambda r: r if isinstance(r, _KeyReused) else _to_events(r))
+            result = await self._db.write(op, _created)
         finally:
             self._admitting -= 1
         if isinstance(result, _KeyReused):
