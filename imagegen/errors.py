@@ -1,4 +1,4 @@
-"""Domain errors and the one middleware that turns every error into application/problem+json."""
+"""Domain errors, and how every error becomes application/problem+json: a wrapper on each handler and a catch-all route."""
 
 from __future__ import annotations
 
