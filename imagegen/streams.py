@@ -288,11 +288,10 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
                     await state(stream)
             elif last_id is None and latest_of_job is not None:
                 # The job's latest event is its current state (the row and the event were
-                # committed together), and it carries an id.
-                current = await event_log.latest_of(job_id)
-                assert current is not None
-                await stream.send(current)
-                if current.terminal:
+                # committed together), and it carries an id. Anything committed since it was
+                # read is already in the subscription, which live() delivers next.
+                await stream.send(latest_of_job)
+                if latest_of_job.terminal:
                     raise _StreamEnded
             else:  # its id is too old, or its events were pruned
                 await state(stream)
