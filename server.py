@@ -1,17 +1,20 @@
-"""Run imagegen: python server.py [--config PATH] [--host H] [--port P]."""
+"""Run imagegen: python server.py [--config PATH] [--host H] [--port P] [--role all|api|worker]."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import logging
+import signal
 import sys
 from pathlib import Path
 
 from aiohttp import web
 
-from imagegen.app import create_app
-from imagegen.config import ConfigError, load_settings
+from imagegen.app import ROLES, Role, create_app
+from imagegen.config import ConfigError, Settings, load_settings
+from imagegen.errors import StartupError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.toml"
 
@@ -28,11 +31,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML settings file")
     parser.add_argument("--host", help="listen address (overrides server.host)")
     parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    parser.add_argument(
+        "--role", choices=ROLES, default="all",
+        help="api: serve HTTP and streams; worker: draw jobs, serve nothing; all: both (default)",
+    )
     args = parser.parse_args(argv)
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
         print(f"imagegen: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.role != "all" and settings.storage.backend == "sqlite":
+        print(
+            f"imagegen: --role {args.role} needs [storage] backend = \"postgres\": on SQLite one process "
+            "owns the database file, so it runs as --role all",
+            file=sys.stderr,
+        )
         return 2
     server = settings.server.model_copy(
         update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -40,10 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings.model_copy(update={"server": server})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     gc.set_threshold(*GC_THRESHOLDS)
-    # shutdown_timeout bounds how long open requests may hold a graceful stop.
     try:
+        if args.role == "worker":
+            asyncio.run(run_worker(settings))
+            return 0
+        # shutdown_timeout bounds how long open requests may hold a graceful stop.
         web.run_app(
-            create_app(settings),
+            create_app(settings, args.role),
             host=settings.server.host,
             port=settings.server.port,
             shutdown_timeout=settings.workers.shutdown_grace_s,
@@ -55,7 +72,25 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # found at start-up, e.g. a provider's secret missing from the environment
         print(f"imagegen: configuration error: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:  # e.g. the database cannot be reached
+        print(f"imagegen: cannot start: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+async def run_worker(settings: Settings) -> None:
+    """--role worker: the app's resources and workers, no listening socket, until SIGINT/SIGTERM."""
+    runner = web.AppRunner(create_app(settings, "worker"), handle_signals=False)
+    await runner.setup()  # runs the cleanup contexts' start-up halves: store, dispatcher, workers
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    logging.getLogger("imagegen").info("worker running (%s backend); no HTTP served", settings.storage.backend)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()  # on_shutdown (the workers' grace starts), then the contexts unwind
 
 
 if __name__ == "__main__":

@@ -2,52 +2,67 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from aiohttp import web
 
+from .api import page, routes, streams
+from .api.docs import add_docs
+from .api.params import PUBLIC_URL
+from .api.problems import add_fallback_route, problem_errors
 from .config import SETTINGS, Settings
-from .db import database_context
-from .docs import add_docs
-from .errors import add_fallback_route, problem_errors
-from .events import end_streams, events_context
+from .dispatch import dispatcher_context
+from .events import broadcaster_context, end_streams
+from .feed import FEED, Feed
 from .jobs import jobs_context
+from .maintenance import maintenance_context
 from .models import CreateJob
 from .providers import provider_context
-from . import page, routes, streams
 from .storage import IMAGES, ImageStore
+from .store import store_context
 from .workers import begin_stopping_workers, workers_context
 
+# What a process does: "api" serves HTTP and the event streams, "worker" draws jobs and serves
+# nothing, "all" both (the only role on SQLite, where one process owns the database file).
+Role = Literal["all", "api", "worker"]
+ROLES: tuple[Role, ...] = ("all", "api", "worker")
 
 # A create request is a few hundred bytes (a prompt is at most 500 characters): anything far
 # bigger is a mistake or an attack, refused with 413 before it is read.
 MAX_BODY_BYTES = 16 * 1024
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, role: Role = "all") -> web.Application:
     """Build the app; its resources open on startup and close in reverse order on cleanup."""
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
+    app[FEED] = Feed()
     app[IMAGES] = ImageStore(settings.storage.data_dir)
     app[routes.CREATE_JOB] = CreateJob.configured(settings)
-    app[routes.PUBLIC_URL] = settings.server.public_url
-    # Order matters: each context needs the ones before it, and they unwind in reverse,
-    # so the workers stop before the provider closes and the database closes last.
-    app.cleanup_ctx.append(database_context(settings.database_path))
+    app[PUBLIC_URL] = settings.server.public_url
+    # Order matters: each context needs the ones before it, and they unwind in reverse, so
+    # the workers stop before the provider closes and the store closes last.
+    app.cleanup_ctx.append(store_context)
+    app.cleanup_ctx.append(dispatcher_context)
     app.cleanup_ctx.append(jobs_context)
-    app.cleanup_ctx.append(events_context)
-    app.cleanup_ctx.append(provider_context)
-    app.cleanup_ctx.append(workers_context)
-    app.cleanup_ctx.append(page.page_context)
-    app.on_shutdown.append(end_streams)
-    app.on_shutdown.append(begin_stopping_workers)
-    _add_routes(app.router)
-    add_docs(app)
+    app.cleanup_ctx.append(broadcaster_context)
+    app.cleanup_ctx.append(maintenance_context)
+    if role in ("all", "worker"):
+        app.cleanup_ctx.append(provider_context(settings.provider))
+        app.cleanup_ctx.append(workers_context)
+        app.on_shutdown.append(begin_stopping_workers)
+    if role in ("all", "api"):
+        app.cleanup_ctx.append(page.page_context)
+        app.on_shutdown.append(end_streams)
+        _add_routes(app.router)
+        add_docs(app)
     add_fallback_route(app.router)  # last: it takes whatever the others do not
     return app
 
 
 def _add_routes(router: web.UrlDispatcher) -> None:
     # No implicit HEAD routes: what is served is exactly what is documented. Every handler
-    # answers its errors as problem+json (errors.problem_errors).
+    # answers its errors as problem+json (api/problems.problem_errors).
     router.add_get("/", problem_errors(page.index), allow_head=False)
     router.add_post("/generations", problem_errors(routes.create_generation))
     router.add_get("/generations", problem_errors(routes.list_generations), allow_head=False)

@@ -9,25 +9,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from .providers import ProviderSettings
+from .settings_base import ConfigError, Section  # ConfigError: callers catch it from here
 
 ENV_PREFIX = "IMAGEGEN_"
 
 
-class _Section(BaseModel):
-    # Unknown keys are typos: refuse them instead of silently running on a default.
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ServerSettings(_Section):
+class ServerSettings(Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     public_url: str = ""
@@ -40,17 +30,36 @@ class ServerSettings(_Section):
         return value.rstrip("/")
 
 
-class StorageSettings(_Section):
+class StorageSettings(Section):
+    backend: Literal["sqlite", "postgres"] = "sqlite"
     data_dir: Path = Path("./data")
+    database_url: str = ""
+    pool_size: Annotated[int, Field(ge=1, le=1000)] = 10
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str) -> str:
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            # The value is not echoed: it may hold a password.
+            raise ValueError("must be a postgresql:// URL, e.g. postgresql://user@host:5432/imagegen")
+        return value
+
+    @model_validator(mode="after")
+    def _url_with_postgres(self) -> StorageSettings:
+        if self.backend == "postgres" and not self.database_url:
+            raise ValueError("backend postgres needs database_url (or IMAGEGEN_STORAGE__DATABASE_URL)")
+        return self
 
 
-class WorkerSettings(_Section):
+class WorkerSettings(Section):
     count: Annotated[int, Field(ge=1, le=256)] = 4
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 10.0
     max_pending: Annotated[int, Field(ge=1)] = 1000
+    # At least a second: a heartbeat goes out every third of it.
+    lease_s: Annotated[float, Field(ge=1)] = 30.0
 
 
-class JobSettings(_Section):
+class JobSettings(Section):
     max_images_per_job: Annotated[int, Field(ge=1, le=100)] = 10
     animals: Annotated[tuple[str, ...], Field(min_length=1)] = (
         "cat", "dog", "fox", "owl", "panda", "penguin", "rabbit", "bear", "frog", "lion",
@@ -66,82 +75,7 @@ class JobSettings(_Section):
     idempotency_ttl_s: Annotated[float, Field(ge=86_400)] = 86_400.0
 
 
-def _base_url(value: str) -> str:
-    if not value.startswith(("http://", "https://")):
-        raise ValueError("must start with http:// or https://")
-    return value.rstrip("/")
-
-
-# Without a trailing slash, so that API paths can be appended to it.
-BaseUrl = Annotated[str, AfterValidator(_base_url)]
-
-
-class OpenAISettings(_Section):
-    base_url: BaseUrl = "https://api.openai.com"
-    api_key_env: str = "OPENAI_API_KEY"
-    model: str = "dall-e-3"
-    response_format: Literal["b64_json", "url", ""] = "b64_json"
-    max_n_per_request: Annotated[int, Field(ge=1, le=100)] = 1
-    quality: str = ""
-    style: str = ""
-
-    @field_validator("base_url")
-    @classmethod
-    def _without_v1(cls, value: str) -> str:
-        if value.endswith("/v1"):
-            raise ValueError("leave out /v1: the provider adds /v1/images/generations itself")
-        return value
-
-
-class Automatic1111Settings(_Section):
-    base_url: BaseUrl = "http://127.0.0.1:7860"
-    steps: Annotated[int, Field(ge=1, le=150)] = 20
-    negative_prompt: str = ""
-    sampler_name: str = ""
-    max_batch_size: Annotated[int, Field(ge=1, le=100)] = 1
-    username: str = ""
-    password_env: str = ""
-
-    @model_validator(mode="after")
-    def _password_with_username(self) -> Automatic1111Settings:
-        if self.username and not self.password_env:
-            raise ValueError("with a username, password_env must name the variable holding the password")
-        return self
-
-
-class ProviderSettings(_Section):
-    name: str = "local"
-    delay_s: Annotated[float, Field(ge=0)] = 0.0
-    image_size: Annotated[int, Field(ge=64, le=2048)] = 512
-    fail_attempts: Annotated[int, Field(ge=0)] = 0
-    prompt_template: str = "A cute cartoon {animal}, friendly sticker illustration, soft pastel background"
-    # 0: the provider's own limit (1 for automatic1111, none for openai beyond workers.count).
-    max_concurrency: Annotated[int, Field(ge=0, le=256)] = 0
-    connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
-    read_timeout_s: Annotated[float, Field(gt=0)] = 300.0
-    openai: OpenAISettings = OpenAISettings()
-    automatic1111: Automatic1111Settings = Automatic1111Settings()
-
-    @field_validator("prompt_template")
-    @classmethod
-    def _names_the_animal(cls, value: str) -> str:
-        try:
-            value.format(animal="cat")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"must be a template using only {{animal}}: {exc}") from None
-        return value
-
-    @field_validator("name")
-    @classmethod
-    def _registered(cls, value: str) -> str:
-        from .providers import REGISTRY  # the registry imports this module
-
-        if value not in REGISTRY:
-            raise ValueError(f"unknown provider {value!r}; known: {', '.join(sorted(REGISTRY))}")
-        return value
-
-
-class EventSettings(_Section):
+class EventSettings(Section):
     heartbeat_s: Annotated[float, Field(gt=0)] = 15.0
     subscriber_buffer: Annotated[int, Field(ge=1)] = 1000
     retention: Annotated[int, Field(ge=1)] = 100_000
@@ -149,7 +83,7 @@ class EventSettings(_Section):
     retry_ms: Annotated[int, Field(ge=0)] = 2000
 
 
-class Settings(_Section):
+class Settings(Section):
     """Every setting of the service; see config.toml for what each one means."""
 
     server: ServerSettings = ServerSettings()
@@ -165,10 +99,6 @@ class Settings(_Section):
 
 
 SETTINGS = web.AppKey("settings", Settings)
-
-
-class ConfigError(Exception):
-    """The configuration is invalid; the message names the key and the problem."""
 
 
 def _env_value(raw: str) -> Any:

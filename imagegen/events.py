@@ -1,27 +1,23 @@
-"""Live job events: fan-out of committed events to stream subscribers, replay, and retention.
+"""Live job events: fan-out of committed events to stream subscribers, and replay.
 
-Every job change is written to the events table in the same transaction as the change
-(jobs.py), and reaches the Broadcaster only after that commit (db.after_commit), so a
-subscriber never sees a state that was not committed. A subscriber is registered *before*
-its stream reads the table, so replay plus live delivery has no gap; the stream drops live
-events it has already replayed (ids are strictly increasing), so it has no duplicate.
+Every job change is written to the event log in the same transaction as the change, and
+reaches the Broadcaster only through the feed, after that commit, so a subscriber never sees
+a state that was not committed. A subscriber is registered *before* its stream reads the log,
+so replay plus live delivery has no gap; the stream drops live events it has already replayed
+(ids are strictly increasing in commit order, on every node), so it has no duplicate.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from aiohttp import web
 
-from . import db
 from .config import SETTINGS
-from .jobs import JOBS, JobEvent, JobService, committed_events
-
-log = logging.getLogger(__name__)
+from .feed import FEED
+from .store import JobEvent, JobStore
 
 # Rows fetched per replay query: large enough to be quick, small enough to stream early.
 REPLAY_PAGE = 500
@@ -115,9 +111,9 @@ class Broadcaster:
             if not followers:
                 del self._by_job[subscription.job_id]
 
-    def publish(self, results: list[Any]) -> None:
-        """db.after_commit hook: fan the batch's events out, in commit order."""
-        for event in committed_events(results):
+    def publish(self, events: Sequence[JobEvent]) -> None:
+        """Feed listener: fan the batch's events out, in commit order."""
+        for event in events:
             for subscription in list(self._all):
                 subscription.push(event)
             for subscription in list(self._by_job.get(event.job_id, ())):
@@ -134,88 +130,34 @@ class ReplayGap(Exception):
     """Retention pruned events a replay still had to send."""
 
 
-class EventLog:
-    """Reads the events table for replay and keeps it within its retention."""
+async def replay(store: JobStore, seq: int, job_id: str | None = None) -> AsyncIterator[JobEvent]:
+    """Every retained event after `seq` (of one job, if given), page by page, in order.
 
-    def __init__(self, database: db.Database, retention: int) -> None:
-        self._db = database
-        self._retention = retention
-
-    async def horizon(self) -> tuple[int, int]:
-        """(latest, pruned): ids above `pruned` up to `latest` can be replayed."""
-        row = await self._db.fetch_one(db.EVENT_HORIZON)
-        assert row is not None
-        return row["latest"], row["pruned"]
-
-    async def after(self, seq: int, job_id: str | None = None) -> AsyncIterator[JobEvent]:
-        """Every retained event after `seq` (of one job, if given), page by page, in order.
-
-        Raises ReplayGap if retention pruned events after `seq` while the replay went on.
-        """
-        while True:
-            if job_id is None:
-                rows = await self._db.fetch_all(db.EVENTS_AFTER, (seq, REPLAY_PAGE))
-            else:
-                rows = await self._db.fetch_all(db.JOB_EVENTS_AFTER, (job_id, seq, REPLAY_PAGE))
-            _, pruned = await self.horizon()
-            if pruned > seq:
-                raise ReplayGap(f"events after {seq} were pruned during the replay")
-            for row in rows:
-                yield JobEvent.from_row(row)
-            if len(rows) < REPLAY_PAGE:
-                return
-            seq = rows[-1]["seq"]
-
-    async def latest_of(self, job_id: str) -> JobEvent | None:
-        row = await self._db.fetch_one(db.LATEST_JOB_EVENT, (job_id,))
-        return None if row is None else JobEvent.from_row(row)
-
-    async def prune(self) -> int:
-        """Delete all but the newest `retention` events; return the new pruned-through id."""
-        latest, _ = await self.horizon()
-        cutoff = latest - self._retention
-
-        def op(conn: Any) -> int:
-            if cutoff > 0:
-                conn.execute(db.PRUNE_EVENTS, (cutoff,))
-                conn.execute(db.SET_PRUNED_THROUGH, (cutoff,))
-            return cutoff
-
-        return await self._db.write(op)
+    Raises ReplayGap if retention pruned events after `seq` while the replay went on.
+    """
+    while True:
+        events = await store.events_after(seq, job_id, REPLAY_PAGE)
+        _, pruned = await store.horizon()
+        if pruned > seq:
+            raise ReplayGap(f"events after {seq} were pruned during the replay")
+        for event in events:
+            yield event
+        if len(events) < REPLAY_PAGE:
+            return
+        seq = events[-1].seq
 
 
 BROADCASTER = web.AppKey("broadcaster", Broadcaster)
-EVENT_LOG = web.AppKey("event_log", EventLog)
 
 
-async def events_context(app: web.Application) -> AsyncIterator[None]:
-    """Cleanup context: the broadcaster hears every commit; a task prunes old events."""
-    settings = app[SETTINGS].events
-    database = app[db.DATABASE]
-    broadcaster = Broadcaster(settings.subscriber_buffer)
-    database.after_commit.append(broadcaster.publish)
-    event_log = EventLog(database, settings.retention)
+async def broadcaster_context(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: the broadcaster follows the feed while the app runs."""
+    broadcaster = Broadcaster(app[SETTINGS].events.subscriber_buffer)
+    app[FEED].subscribe(broadcaster.publish)
     app[BROADCASTER] = broadcaster
-    app[EVENT_LOG] = event_log
-    pruner = asyncio.create_task(
-        _prune_forever(event_log, app[JOBS], settings.prune_interval_s), name="imagegen-pruner"
-    )
     yield
     broadcaster.close_all()
-    pruner.cancel()
-    await asyncio.gather(pruner, return_exceptions=True)
-    database.after_commit.remove(broadcaster.publish)
-
-
-async def _prune_forever(event_log: EventLog, jobs: JobService, interval_s: float) -> None:
-    """Keep the events table within its retention, and forget expired idempotency keys."""
-    while True:
-        try:
-            await event_log.prune()
-            await jobs.prune_idempotency_keys()
-        except Exception:
-            log.exception("pruning old events or idempotency keys failed; trying again later")
-        await asyncio.sleep(interval_s)
+    app[FEED].unsubscribe(broadcaster.publish)
 
 
 async def end_streams(app: web.Application) -> None:

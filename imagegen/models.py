@@ -1,4 +1,4 @@
-"""The API's concepts as pydantic models: one model per concept, used from SQLite row to JSON."""
+"""The API's concepts as pydantic models: one model per concept, used from database row to JSON."""
 
 from __future__ import annotations
 
@@ -42,10 +42,6 @@ Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 
 # A job id is a UUID in its 8-4-4-4-12 hex form, in either case (ids are stored lowercase).
 JOB_ID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-
-
-# How many renderings (one per base URL) an event keeps.
-RENDERINGS_KEPT = 4
 
 # Long enough for a scene description, short enough to keep rows and provider calls small.
 PROMPT_MAX_LENGTH = 500
@@ -129,8 +125,10 @@ class Progress(_CamelModel):
 
 
 class Job(_CamelModel):
-    """A generation job: the row in SQLite, and the body of GET /generations/{jobId}."""
+    """A generation job: the row in the database, and the body of GET /generations/{jobId}."""
 
+    # Its place in creation order (the list cursor); not part of the API's JSON.
+    seq: int = Field(exclude=True)
     job_id: str
     status: JobStatus
     num_images: int
@@ -184,6 +182,7 @@ class Job(_CamelModel):
                 retryable=bool(row["error_retryable"]),
             )
         return cls.model_construct(
+            seq=row["seq"],
             status=JobStatus(row["status"]),
             job_id=row["id"],
             num_images=row["num_images"],

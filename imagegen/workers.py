@@ -1,21 +1,30 @@
-"""The worker pool: `workers.count` consumers of the job queue, drawing through the provider."""
+"""The worker pool: `workers.count` workers taking jobs from the dispatcher, drawing through the provider.
+
+Each result is written through the store, fenced on the attempt (and on PostgreSQL on this
+node's lease, which a heartbeat keeps alive), so a worker whose job was handed to another
+cannot overwrite the newer attempt.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import os
 import random
-from collections.abc import AsyncIterator
-from typing import Any
+import socket
+from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 
 from .config import SETTINGS, Settings
-from .db import DATABASE
-from .jobs import JOBS, JobService, committed_events
-from .models import Job, JobStatus
+from .dispatch import DISPATCHER, Dispatcher
+from .feed import FEED
+from .jobs import timestamp_in
+from .models import Job
 from .providers import PROVIDER, ImageProvider, ImageRequest, ProviderError, render_prompt
 from .storage import IMAGES, ImageStore
+from .store import STORE, JobEvent, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +32,10 @@ log = logging.getLogger(__name__)
 # The longest Retry-After honoured: a provider asking for more is waited out in steps, one
 # attempt at a time, rather than parking a job for days on one answer.
 RETRY_AFTER_MAX_S = 3600.0
+
+# How many recent cancels a pool remembers (see WorkerPool._canceled): far more than can land
+# between one claim and its registration.
+RECENT_CANCELS = 1024
 
 
 def backoff_s(attempt: int, base_s: float, max_s: float, retry_after: float | None) -> float:
@@ -37,19 +50,37 @@ def backoff_s(attempt: int, base_s: float, max_s: float, retry_after: float | No
     return max(delay, min(retry_after or 0.0, RETRY_AFTER_MAX_S))
 
 
-class WorkerPool:
-    """Named worker tasks that take job ids from the queue, one job at a time each."""
+def node_id() -> str:
+    """This process's name in leases: host, pid and a random part (pids are reused)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
 
-    def __init__(self, jobs: JobService, provider: ImageProvider, images: ImageStore, settings: Settings) -> None:
-        self._jobs = jobs
+
+class WorkerPool:
+    """Named worker tasks that take claimed jobs from the dispatcher, one job at a time each."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        dispatcher: Dispatcher,
+        provider: ImageProvider,
+        images: ImageStore,
+        settings: Settings,
+    ) -> None:
+        self._store = store
+        self._dispatcher = dispatcher
         self._provider = provider
         self._images = images
         self._provider_settings = settings.provider
         self._job_settings = settings.jobs
+        self._lease_s = settings.workers.lease_s
+        self.owner = node_id()
         self._tasks: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[None]] = set()
         # The drawing of each running job, by job id, so a cancel can interrupt it.
         self._drawing: dict[str, asyncio.Task[None]] = {}
+        # Jobs canceled lately: a cancel can reach the feed between a claim's commit and
+        # the moment its drawing is registered (on SQLite, in the very batch of the claim).
+        self._canceled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._stopping = False
         self._stopped: asyncio.Task[None] | None = None
 
@@ -57,12 +88,28 @@ class WorkerPool:
         for number in range(count):
             task = asyncio.create_task(self._run(), name=f"imagegen-worker-{number}")
             self._tasks.append(task)
+        self._heartbeat = asyncio.create_task(self._heartbeat_forever(), name="imagegen-heartbeat")
 
-    def interrupt_canceled(self, results: list[Any]) -> None:
-        """db.after_commit hook: a job canceled while drawing stops drawing now."""
-        for event in committed_events(results):
-            if event.name == "job.canceled" and (drawing := self._drawing.get(event.job_id)):
-                drawing.cancel()
+    def interrupt_canceled(self, events: Sequence[JobEvent]) -> None:
+        """Feed listener: a job canceled while drawing here (the cancel committed on any
+        node) stops drawing now."""
+        for event in events:
+            if event.name == "job.canceled":
+                if drawing := self._drawing.get(event.job_id):
+                    drawing.cancel()
+                self._canceled[event.job_id] = None
+                if len(self._canceled) > RECENT_CANCELS:
+                    self._canceled.popitem(last=False)
+
+    async def _heartbeat_forever(self) -> None:
+        # Three beats per lease: one late or failed beat does not lose the jobs.
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            if self._drawing:
+                try:
+                    await self._store.heartbeat(self.owner, self._lease_s)
+                except Exception:
+                    log.exception("heartbeat failed; the jobs drawn here are rescued elsewhere if it keeps failing")
 
     def stop(self, grace_s: float) -> asyncio.Task[None]:
         """Take no more jobs; give running ones `grace_s` to finish, then hand them back.
@@ -84,47 +131,48 @@ class WorkerPool:
         for task in self._tasks:
             task.cancel()  # a worker still busy is interrupted; it returns its job to pending
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._heartbeat.cancel()
+        await asyncio.gather(self._heartbeat, return_exceptions=True)
 
     async def _run(self) -> None:
         task = asyncio.current_task()
         assert task is not None
-        queue = self._jobs.queue
         while not self._stopping:
-            job_id = await queue.get()
+            job = await self._dispatcher.next_job(self.owner, self._lease_s)
             self._busy.add(task)
             try:
-                await self._process(job_id)
+                await self._process(job)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 # A failing job must never take its worker down with it.
-                log.exception("worker failed on job %s", job_id)
+                log.exception("worker failed on job %s", job.job_id)
             finally:
                 self._busy.discard(task)
-                queue.task_done()
+                self._dispatcher.job_done()
 
-    async def _process(self, job_id: str) -> None:
-        job = await self._jobs.claim(job_id)
-        if job is None:
-            return  # no longer pending: canceled, or claimed already
-        if self._jobs.latest_status(job_id) != JobStatus.PROCESSING:
-            return  # canceled in the very commit that claimed it, before it could be interrupted
+    async def _process(self, job: Job) -> None:
+        job_id = job.job_id
+        # Registered with no await in between: a cancel the feed delivers from now on
+        # interrupts the drawing, and one it delivered while we were claiming is in _canceled.
         drawing = asyncio.create_task(self._attempt(job), name=f"imagegen-draw-{job_id}")
         self._drawing[job_id] = drawing
+        if job_id in self._canceled:
+            drawing.cancel()
         try:
             await drawing
         except Exception:
             # Recording the attempt's outcome failed: fail the job rather than leave it
-            # processing with no worker until the next restart.
+            # processing with no worker until its lease runs out.
             log.exception("job %s: recording its outcome failed", job_id)
-            await self._jobs.fail(job, "internal_error", "The server failed to record this job's outcome.")
+            await self._store.fail(job, "internal_error", "The server failed to record this job's outcome.", False, self.owner)
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                # This worker is being stopped and ran out of grace: hand the job back so the
-                # next start finishes it. db.write commits even though we are cancelled.
+                # This worker is being stopped and ran out of grace: hand the job back at once,
+                # for another node or the next start. The store commits though we are cancelled.
                 drawing.cancel()
                 await asyncio.gather(drawing, return_exceptions=True)
-                await self._jobs.release(job)
+                await asyncio.shield(self._store.release(job, self.owner))
                 raise
             # Only the drawing was cancelled: the job was canceled, and that is committed.
         finally:
@@ -146,15 +194,17 @@ class WorkerPool:
                     drawn = await self._generate(request)
                 data = drawn.pop(0)
                 path = await self._images.save(job.job_id, index, data)
-                current = await self._jobs.add_image(current, path)
-                if current is None:
+                event = await self._store.add_image(current, path, self.owner)
+                if event is None:
                     return  # canceled, or a newer attempt owns the job: drop this one's result
-            await self._jobs.complete(current)
+                current = event.job
+            await self._store.complete(current, self.owner)
         except ProviderError as exc:
             await self._failed(current, exc)
         except Exception as exc:
             log.exception("job %s failed unexpectedly", job.job_id)
-            await self._jobs.fail(current, "internal_error", f"The server failed to draw an image: {type(exc).__name__}")
+            message = f"The server failed to draw an image: {type(exc).__name__}"
+            await self._store.fail(current, "internal_error", message, False, self.owner)
 
     async def _generate(self, request: ImageRequest) -> list[bytes]:
         timeout_s = self._job_settings.timeout_s
@@ -173,13 +223,13 @@ class WorkerPool:
         if exc.retryable and job.attempts < settings.max_attempts:
             delay = backoff_s(job.attempts, settings.retry_base_s, settings.retry_max_s, exc.retry_after)
             log.warning("job %s attempt %d failed (%s), retrying in %.1fs", job.job_id, job.attempts, exc.code, delay)
-            await self._jobs.retry(job, exc.code, str(exc), delay)
+            await self._store.retry(job, exc.code, str(exc), timestamp_in(delay), self.owner)
             return
         message = str(exc)
         if exc.retryable:
             message += f" (gave up after {job.attempts} attempts)"
         log.warning("job %s failed: %s: %s", job.job_id, exc.code, message)
-        await self._jobs.fail(job, exc.code, message, exc.retryable)
+        await self._store.fail(job, exc.code, message, exc.retryable, self.owner)
 
 
 WORKERS = web.AppKey("workers", WorkerPool)
@@ -188,13 +238,13 @@ WORKERS = web.AppKey("workers", WorkerPool)
 async def workers_context(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: workers run while the app runs and stop first (contexts unwind in reverse)."""
     settings = app[SETTINGS]
-    pool = WorkerPool(app[JOBS], app[PROVIDER], app[IMAGES], settings)
-    app[DATABASE].after_commit.append(pool.interrupt_canceled)
+    pool = WorkerPool(app[STORE], app[DISPATCHER], app[PROVIDER], app[IMAGES], settings)
+    app[FEED].subscribe(pool.interrupt_canceled)
     pool.start(settings.workers.count)
     app[WORKERS] = pool
     yield
     await pool.stop(settings.workers.shutdown_grace_s)
-    app[DATABASE].after_commit.remove(pool.interrupt_canceled)
+    app[FEED].unsubscribe(pool.interrupt_canceled)
 
 
 async def begin_stopping_workers(app: web.Application) -> None:

@@ -90,6 +90,17 @@ async def create_job(client: TestClient, **body: Any) -> str:
     return (await response.json())["jobId"]
 
 
+async def prune(client: TestClient, keys_older_than_s: float | None = None) -> int:
+    """Run one retention pass now, as the background upkeep does (keys: jobs.idempotency_ttl_s)."""
+    from imagegen.config import SETTINGS
+    from imagegen.jobs import timestamp_in
+    from imagegen.store import STORE
+
+    settings = client.app[SETTINGS]
+    age = settings.jobs.idempotency_ttl_s if keys_older_than_s is None else keys_older_than_s
+    return await client.app[STORE].prune(settings.events.retention, timestamp_in(-age))
+
+
 def db_rows(data_dir: Path, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
     """Read what was committed, through a second, plain sqlite3 connection."""
     conn = sqlite3.connect(data_dir / "imagegen.sqlite3")

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from imagegen.jobs import JOBS
 
-from .conftest import create_job, db_rows, wait_for_status
+from .conftest import create_job, db_rows, prune, wait_for_status
 
 
 def count_jobs(tmp_path: Path) -> int:
@@ -58,10 +58,12 @@ async def test_a_malformed_key_is_422(client: TestClient, tmp_path: Path, key: s
 
 async def test_keys_are_kept_a_day_then_pruned(client: TestClient, tmp_path: Path) -> None:
     await client.post("/generations", json={"numImages": 1}, headers={"Idempotency-Key": "k"})
-    jobs = client.app[JOBS]
-    await jobs.prune_idempotency_keys(now=datetime.now(UTC) + timedelta(hours=23, minutes=59))
+    day = 86_400
+    # As a pass 23h59m from now would: the key is younger than a day then.
+    await prune(client, keys_older_than_s=day - (day - 60))
     assert len(db_rows(tmp_path / "data", "SELECT key FROM idempotency_keys")) == 1
-    await jobs.prune_idempotency_keys(now=datetime.now(UTC) + timedelta(hours=24, minutes=1))
+    # As a pass 24h01m from now would.
+    await prune(client, keys_older_than_s=day - (day + 60))
     assert db_rows(tmp_path / "data", "SELECT key FROM idempotency_keys") == []
 
 

@@ -1,4 +1,5 @@
-"""The group-committing writer: many callers share one commit; one bad write fails only its caller."""
+"""The SQLite store's group-committing writer: many callers share one commit; one bad write fails
+only its caller; migrations."""
 
 from __future__ import annotations
 
@@ -9,21 +10,31 @@ from pathlib import Path
 
 import pytest
 
-from imagegen.config import Settings
-from imagegen.db import Database
-from imagegen.jobs import JobService
+from imagegen.feed import Feed
+from imagegen.jobs import uuid7
+from imagegen.models import now_text
+from imagegen.store import NewJob
+from imagegen.store.sqlite import SQLiteStore
 
 from .conftest import db_rows
 
 
+def new_job(num_images: int = 1, animal: str = "cat") -> NewJob:
+    return NewJob(uuid7(), num_images, animal, None, now_text())
+
+
+async def open_store(tmp_path: Path, feed: Feed | None = None) -> SQLiteStore:
+    return await SQLiteStore.open(tmp_path / "data" / "imagegen.sqlite3", feed or Feed())
+
+
 async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
-    db = await Database.open(tmp_path / "data" / "imagegen.sqlite3")
+    feed = Feed()
+    db = await open_store(tmp_path, feed)
     batches: list[int] = []
-    db.after_commit.append(lambda results: batches.append(len(results)))
-    service = JobService(db, Settings())
+    feed.subscribe(lambda events: batches.append(len(events)))
     try:
-        created = await asyncio.gather(*(service.create(1, "cat") for _ in range(50)))
-        job_ids = [c.job_id for c in created]
+        created = await asyncio.gather(*(db.create(new_job(), None, None) for _ in range(50)))
+        job_ids = [event.job_id for event in created]
     finally:
         await db.close()
     assert len(set(job_ids)) == 50
@@ -32,7 +43,7 @@ async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
 
 
 async def test_a_failing_write_fails_alone(tmp_path: Path) -> None:
-    db = await Database.open(tmp_path / "data" / "imagegen.sqlite3")
+    db = await open_store(tmp_path)
 
     def insert(value: str):
         def op(conn):
@@ -46,7 +57,7 @@ async def test_a_failing_write_fails_alone(tmp_path: Path) -> None:
 
     try:
         results = await asyncio.gather(
-            db.write(insert("a")), db.write(insert("bad")), db.write(insert("b")), return_exceptions=True
+            db._write(insert("a")), db._write(insert("bad")), db._write(insert("b")), return_exceptions=True
         )
     finally:
         await db.close()
@@ -56,21 +67,38 @@ async def test_a_failing_write_fails_alone(tmp_path: Path) -> None:
     assert ids == ["a", "b"]
 
 
-async def test_schema_is_applied_idempotently_and_in_wal_mode(tmp_path: Path) -> None:
+async def test_migrations_run_once_and_leave_wal_mode(tmp_path: Path) -> None:
+    from imagegen.store.sqlite import migrations
+
     path = tmp_path / "data" / "imagegen.sqlite3"
     for _ in range(2):
-        db = await Database.open(path)
+        db = await SQLiteStore.open(path, Feed())
         await db.close()
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(migrations())
     conn.close()
 
 
+async def test_a_database_newer_than_the_release_is_refused(tmp_path: Path) -> None:
+    from imagegen.errors import StartupError
+
+    path = tmp_path / "data" / "imagegen.sqlite3"
+    await (await SQLiteStore.open(path, Feed())).close()
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(StartupError, match="schema version 99, newer than this release"):
+        await SQLiteStore.open(path, Feed())
+
+
 async def test_a_cancelled_caller_still_gets_its_write_committed(tmp_path: Path) -> None:
-    db = await Database.open(tmp_path / "data" / "imagegen.sqlite3")
-    service = JobService(db, Settings())
+    feed = Feed()
+    db = await open_store(tmp_path, feed)
+    published: list[str] = []
+    feed.subscribe(lambda events: published.extend(event.name for event in events))
     try:
-        task = asyncio.create_task(service.create(2, "owl"))
+        task = asyncio.create_task(db.create(new_job(2, "owl"), None, None))
         await asyncio.sleep(0)  # let it queue its write
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -78,14 +106,14 @@ async def test_a_cancelled_caller_still_gets_its_write_committed(tmp_path: Path)
     finally:
         await db.close()  # close() drains the queued writes first
     assert db_rows(tmp_path / "data", "SELECT count(*) AS n FROM jobs")[0]["n"] == 1
-    # ... and it is queued for the workers, not left waiting for the next restart.
-    assert service.queue.qsize() == 1
+    # ... and the feed heard of it (so the dispatcher queues it), not left for the next restart.
+    assert published == ["job.created"]
 
 
 async def test_a_created_events_snapshot_is_what_sqlite_would_write(client, tmp_path: Path) -> None:
     # Creates write their job.created snapshot in Python (the hot path); every other event's
     # snapshot is SQLite's json_object. Both must describe the row the same way.
-    from imagegen.db import _SNAPSHOT
+    from imagegen.store.sqlite import _SNAPSHOT
 
     response = await client.post("/generations", json={"numImages": 2, "animal": "owl", "prompt": 'a "quoted" 100% owl'})
     job_id = (await response.json())["jobId"]
@@ -96,7 +124,8 @@ async def test_a_created_events_snapshot_is_what_sqlite_would_write(client, tmp_
         (expected,) = conn.execute(
             f"SELECT {_SNAPSHOT} FROM (SELECT seq, id, 'pending' AS status, num_images, animal, prompt, '[]' AS images,"
             " 0 AS attempts, NULL AS error_code, NULL AS error_message, NULL AS error_retryable, created_at,"
-            " created_at AS updated_at, NULL AS started_at, NULL AS completed_at FROM jobs WHERE id = ?)",
+            " created_at AS updated_at, NULL AS started_at, NULL AS completed_at, NULL AS not_before"
+            " FROM jobs WHERE id = ?)",
             (job_id,),
         ).fetchone()
     finally:

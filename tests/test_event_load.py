@@ -18,7 +18,7 @@ from .sse import SSEReader
 
 
 async def test_a_subscription_that_falls_behind_is_closed_and_others_keep_receiving() -> None:
-    from imagegen.jobs import JobEvent
+    from imagegen.store import JobEvent
 
     broadcaster = Broadcaster(buffer=3)
     slow, fast = broadcaster.subscribe(), broadcaster.subscribe()
@@ -26,7 +26,7 @@ async def test_a_subscription_that_falls_behind_is_closed_and_others_keep_receiv
     slow.on_overflow = lambda: overflowed.append(True)
     received = []
     for seq in range(1, 11):
-        broadcaster.publish([[JobEvent(seq, "job.progress", "00000000-0000-4000-8000-000000000001", "{}", 1, "processing")]])
+        broadcaster.publish([JobEvent(seq, "job.progress", "00000000-0000-4000-8000-000000000001", "{}", 1, "processing")])
         received.append((await fast.next()).seq)
     assert received == list(range(1, 11))
     assert slow.closed == "overflow" and overflowed == [True]

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient
 
-from imagegen.events import EVENT_LOG
+from imagegen.store import STORE
 
-from .conftest import create_job, db_rows, wait_for_status
+from .conftest import create_job, db_rows, prune, wait_for_status
 from .sse import SSEReader, is_terminal_of
 
 LIFE = ["job.created", "job.processing", "job.progress", "job.progress", "job.progress", "job.completed"]
@@ -154,11 +154,11 @@ async def test_too_old_an_id_gets_a_reset_then_the_current_state(make_client) ->
     ids = [await create_job(client) for _ in range(3)]
     for job_id in ids:
         await wait_for_status(client, job_id, {"completed"})
-    pruned_through = await client.app[EVENT_LOG].prune()
+    pruned_through = await prune(client)
     assert pruned_through > 1
     reader = await open_stream(client, "/generations/events", last_id=1)
     reset = await reader.next()
-    latest, _ = await client.app[EVENT_LOG].horizon()
+    latest, _ = await client.app[STORE].horizon()
     assert reset.name == "reset" and reset.seq == latest
     states = [await reader.next() for _ in ids]
     assert [s.name for s in states] == ["job.state"] * 3 and all(s.id is None for s in states)
@@ -183,7 +183,7 @@ async def test_a_pruned_jobs_stream_resets_to_its_state(make_client) -> None:
     await wait_for_status(client, job_id, {"completed"})
     other = await create_job(client)
     await wait_for_status(client, other, {"completed"})
-    await client.app[EVENT_LOG].prune()
+    await prune(client)
     reader = await open_stream(client, f"/generations/{job_id}/events", last_id=1)
     events = await reader.rest()
     assert [e.name for e in events] == ["reset", "job.state"]
@@ -194,7 +194,7 @@ async def test_pruning_keeps_the_newest_events(make_client, tmp_path: Path) -> N
     client = await make_client(events={"retention": 4})
     job_id = await create_job(client, numImages=3)
     await wait_for_status(client, job_id, {"completed"})
-    await client.app[EVENT_LOG].prune()
+    await prune(client)
     rows = db_rows(tmp_path / "data", "SELECT name FROM events ORDER BY seq")
     assert [r["name"] for r in rows] == LIFE[-4:]
 
@@ -203,7 +203,7 @@ async def test_a_running_jobs_stream_with_too_old_an_id_resets_to_its_state_then
     client = await make_client(events={"retention": 1}, provider={"delay_s": 0.2})
     job_id = await create_job(client, numImages=3)
     await wait_for_status(client, job_id, {"processing"})
-    assert await client.app[EVENT_LOG].prune() >= 1  # event 1 (job.created) is gone
+    assert await prune(client) >= 1  # event 1 (job.created) is gone
     reader = await open_stream(client, f"/generations/{job_id}/events", last_id=0)
     events = await reader.rest()
     assert [e.name for e in events[:2]] == ["reset", "job.state"]
@@ -216,7 +216,7 @@ async def test_a_finished_job_with_pruned_events_gives_an_id_then_204(make_clien
     job_id = await create_job(client)
     await wait_for_status(client, job_id, {"completed"})
     await wait_for_status(client, await create_job(client), {"completed"})
-    await client.app[EVENT_LOG].prune()
+    await prune(client)
     reader = await open_stream(client, f"/generations/{job_id}/events")
     ready, state = await reader.rest()
     assert (ready.name, state.name, state.job["status"]) == ("ready", "job.state", "completed")
@@ -225,15 +225,15 @@ async def test_a_finished_job_with_pruned_events_gives_an_id_then_204(make_clien
 
 
 async def test_a_replay_that_retention_overtakes_says_so(make_client) -> None:
-    from imagegen.events import REPLAY_PAGE, ReplayGap
+    from imagegen.events import REPLAY_PAGE, ReplayGap, replay
     from imagegen.jobs import JOBS
 
     client = await make_client(events={"retention": 10}, workers={"max_pending": 10_000})
     jobs = client.app[JOBS]
     await asyncio.gather(*(jobs.create(1, "cat") for _ in range(REPLAY_PAGE + 50)))
-    replay = client.app[EVENT_LOG].after(0)
-    await anext(replay)  # the first page is read
-    await client.app[EVENT_LOG].prune()  # retention catches up with the replay
+    events = replay(client.app[STORE], 0)
+    await anext(events)  # the first page is read
+    await prune(client)  # retention catches up with the replay
     with pytest.raises(ReplayGap):
-        async for _ in replay:
+        async for _ in events:
             pass

@@ -41,9 +41,8 @@ async def test_etag_revalidation_answers_304(client: TestClient) -> None:
 
 async def test_same_job_and_index_draw_the_same_picture(tmp_path, make_client) -> None:
     # Determinism: a job recovered after a crash redraws exactly what it would have drawn.
-    from imagegen.providers import ImageRequest
+    from imagegen.providers import ImageRequest, ProviderSettings
     from imagegen.providers.local import LocalProvider
-    from imagegen.config import ProviderSettings
 
     provider = LocalProvider(ProviderSettings(image_size=64))
     request = ImageRequest(job_id=str(uuid.uuid4()), index=1, animal="owl", size=64, attempt=1, prompt="an owl")

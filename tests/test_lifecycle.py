@@ -8,9 +8,11 @@ from pathlib import Path
 
 from aiohttp.test_utils import TestClient
 
-from imagegen.config import Settings
-from imagegen.db import Database
-from imagegen.jobs import JobService
+from imagegen.feed import Feed
+from imagegen.jobs import timestamp_in, uuid7
+from imagegen.models import now_text
+from imagegen.store import NewJob
+from imagegen.store.sqlite import SQLiteStore
 from imagegen.workers import backoff_s
 
 from .conftest import create_job, db_rows, wait_for_status
@@ -173,24 +175,22 @@ def test_backoff_grows_exponentially_with_jitter_and_honours_retry_after() -> No
 
 
 async def test_a_stale_attempt_cannot_overwrite_a_newer_one(tmp_path: Path) -> None:
-    db = await Database.open(tmp_path / "data" / "imagegen.sqlite3")
-    jobs = JobService(db, Settings())
+    db = await SQLiteStore.open(tmp_path / "data" / "imagegen.sqlite3", Feed())
     try:
-        job_id = (await jobs.create(2, "cat")).job_id
-        first = await jobs.claim(job_id)
-        assert first is not None and first.attempts == 1
-        await jobs.release(first)  # e.g. the first worker was thought dead
-        second = await jobs.claim(job_id)
-        assert second is not None and second.attempts == 2
+        job_id = (await db.create(NewJob(uuid7(), 2, "cat", None, now_text()), None, None)).job_id
+        first = (await db.claim(job_id, "node-a", 30)).job
+        assert first.attempts == 1
+        await db.release(first, "node-a")  # e.g. the first worker was thought dead
+        second = (await db.claim(job_id, "node-b", 30)).job
+        assert second.attempts == 2
         # The first attempt's late results are all refused.
-        assert await jobs.add_image(first, "images/x/0.png") is None
-        assert await jobs.complete(first) is None
-        assert await jobs.fail(first, "late", "late failure") is None
-        assert await jobs.retry(first, "late", "late failure", 0) is None
-        current = await jobs.add_image(second, "images/x/0.png")
-        assert current is not None and current.images == ("images/x/0.png",)
+        assert await db.add_image(first, "images/x/0.png", "node-a") is None
+        assert await db.complete(first, "node-a") is None
+        assert await db.fail(first, "late", "late failure", False, "node-a") is None
+        assert await db.retry(first, "late", "late failure", timestamp_in(0), "node-a") is None
+        current = await db.add_image(second, "images/x/0.png", "node-b")
+        assert current is not None and current.job.images == ("images/x/0.png",)
     finally:
-        jobs.close()
         await db.close()
     (row,) = db_rows(tmp_path / "data", "SELECT status, attempts, images, error_code FROM jobs")
     assert (row["status"], row["attempts"], row["error_code"]) == ("processing", 2, None)

@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 from pydantic import BaseModel, Field
 
-from imagegen.openapi import Reply, openapi_schema, operation
+from imagegen.api.openapi import Reply, openapi_schema, operation
 
 
 def undocumented_routes(app: web.Application, document: dict[str, Any]) -> list[str]:

@@ -120,12 +120,13 @@ async def test_job_id_with_a_trailing_newline_is_422(client: TestClient) -> None
 
 
 async def test_a_host_header_per_request_does_not_grow_memory(client: TestClient) -> None:
-    from imagegen.models import RENDERINGS_KEPT
+    from imagegen.api.render import RENDERINGS_KEPT
 
     job_id = await create_job(client)
     await wait_for_status(client, job_id, {"completed"})
     for n in range(20):
         response = await client.get(f"/generations/{job_id}", headers={"Host": f"host-{n}.example"})
         assert (await response.json())["imageUrls"][0].startswith(f"http://host-{n}.example/")
-    latest = client.app[JOBS]._recent[job_id]  # the job's last committed event, kept for polling
-    assert len(latest._json) <= RENDERINGS_KEPT
+    latest = client.app[JOBS].latest(job_id)  # the job's last committed event, kept for polling
+    assert latest is not None and latest.renderings is not None
+    assert len(latest.renderings) <= RENDERINGS_KEPT

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from aiohttp.test_utils import TestClient
 
-from imagegen.jobs import JOBS
-
 from .conftest import create_job, db_rows, wait_for_status
 
 
 async def test_many_jobs_all_complete_with_a_small_pool(make_client, tmp_path) -> None:
     client = await make_client(workers={"count": 2})
     ids = [await create_job(client, numImages=2) for _ in range(12)]
-    await client.app[JOBS].queue.join()  # the real signal: every queued id was processed
+    for job_id in ids:  # the real signal: each job's final status, polled under a time limit
+        await wait_for_status(client, job_id, {"completed", "failed", "canceled"})
     rows = db_rows(tmp_path / "data", "SELECT status, json_array_length(images) AS n FROM jobs")
     assert [(r["status"], r["n"]) for r in rows] == [("completed", 2)] * 12
     # Exactly one completion event per job.

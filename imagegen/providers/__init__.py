@@ -4,116 +4,91 @@ A provider turns one ImageRequest into PNG bytes: the next image of a job, or a 
 next few when its backend draws several in one call. It knows nothing of HTTP routes, the
 database or the queue. Each registry entry is a factory that opens the provider for the
 app's lifetime (an async context manager, so a provider can own a client session).
+
+Each provider module holds its own settings section; ProviderSettings, the [provider] section,
+gathers them here, beside the registry that its `name` is checked against.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
-from typing import Protocol
+from typing import Annotated
 
 from aiohttp import web
+from pydantic import Field, field_validator
 
-from ..config import SETTINGS, ProviderSettings
+from ..settings_base import Section
+from .automatic1111 import Automatic1111Settings, open_automatic1111
+from .base import ImageProvider, ImageRequest, ProviderError, render_prompt
+from .local import LocalProvider
+from .openai import OpenAISettings, open_openai
 
-
-@dataclass(frozen=True)
-class ImageRequest:
-    """Images to draw: the index-th image of a job, and up to count - 1 of the ones after it."""
-
-    job_id: str
-    index: int
-    animal: str
-    size: int
-    attempt: int  # which attempt at the job this is, from 1
-    prompt: str  # what to draw, in words: the configured template over the animal plus the job's prompt
-    count: int = 1  # how many of the job's images are still wanted, from index on
-
-    @property
-    def seed(self) -> int:
-        """A stable seed per (job, index): the same request draws the same picture.
-
-        Consecutive within a job, because a batch seeded with s draws its images with s, s + 1, ...
-        (AUTOMATIC1111 does), so a batch draws what one call per image would. Below 2**32,
-        which every backend accepts.
-        """
-        digest = hashlib.sha256(self.job_id.encode()).digest()
-        return int.from_bytes(digest[:4], "big") % 2**31 + self.index
+__all__ = [
+    "PROVIDER",
+    "REGISTRY",
+    "ImageProvider",
+    "ImageRequest",
+    "ProviderError",
+    "ProviderSettings",
+    "provider_context",
+    "render_prompt",
+]
 
 
-class ProviderError(Exception):
-    """The provider could not draw the image."""
+class ProviderSettings(Section):
+    name: str = "local"
+    delay_s: Annotated[float, Field(ge=0)] = 0.0
+    image_size: Annotated[int, Field(ge=64, le=2048)] = 512
+    fail_attempts: Annotated[int, Field(ge=0)] = 0
+    prompt_template: str = "A cute cartoon {animal}, friendly sticker illustration, soft pastel background"
+    # 0: the provider's own limit (1 for automatic1111, none for openai beyond workers.count).
+    max_concurrency: Annotated[int, Field(ge=0, le=256)] = 0
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    read_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    openai: OpenAISettings = OpenAISettings()
+    automatic1111: Automatic1111Settings = Automatic1111Settings()
 
-    code = "provider_error"
-    # Transient failures (timeouts, 429, 5xx, lost connections) may succeed when retried;
-    # the rest (bad request, refused credentials, content policy) never will.
-    retryable = False
+    @field_validator("prompt_template")
+    @classmethod
+    def _names_the_animal(cls, value: str) -> str:
+        try:
+            value.format(animal="cat")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"must be a template using only {{animal}}: {exc}") from None
+        return value
 
-    def __init__(
-        self,
-        message: str | None = None,
-        *,
-        code: str | None = None,
-        retryable: bool | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message or (self.__doc__ or "").strip())
-        if code is not None:
-            self.code = code
-        if retryable is not None:
-            self.retryable = retryable
-        # Seconds the provider asked us to wait (a 429's Retry-After), if it said.
-        self.retry_after = retry_after
-
-
-def render_prompt(template: str, animal: str, extra: str | None) -> str:
-    """The prompt for one job: the configured template over its animal, then its own words."""
-    prompt = template.format(animal=animal)
-    return f"{prompt}. {extra}" if extra else prompt
-
-
-class ImageProvider(Protocol):
-    """Draws images."""
-
-    async def generate(self, request: ImageRequest) -> list[bytes]:
-        """Return the PNG bytes of the requested images from `request.index` on, in order: at
-        least one and at most `request.count`, as many as the backend draws in one call.
-        Raise ProviderError when it cannot."""
-        ...
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in REGISTRY:
+            raise ValueError(f"unknown provider {value!r}; known: {', '.join(sorted(REGISTRY))}")
+        return value
 
 
 ProviderFactory = Callable[[ProviderSettings], AbstractAsyncContextManager[ImageProvider]]
 
 
 def _local(settings: ProviderSettings) -> AbstractAsyncContextManager[ImageProvider]:
-    from .local import LocalProvider
-
     return contextlib.nullcontext(LocalProvider(settings))
 
 
-def _openai(settings: ProviderSettings) -> AbstractAsyncContextManager[ImageProvider]:
-    from .openai import open_openai
-
-    return open_openai(settings)
-
-
-def _automatic1111(settings: ProviderSettings) -> AbstractAsyncContextManager[ImageProvider]:
-    from .automatic1111 import open_automatic1111
-
-    return open_automatic1111(settings)
-
-
-REGISTRY: dict[str, ProviderFactory] = {"local": _local, "openai": _openai, "automatic1111": _automatic1111}
+REGISTRY: dict[str, ProviderFactory] = {
+    "local": _local,
+    "openai": open_openai,
+    "automatic1111": open_automatic1111,
+}
 
 PROVIDER = web.AppKey("provider", ImageProvider)
 
 
-async def provider_context(app: web.Application) -> AsyncIterator[None]:
-    """Cleanup context: the configured provider is open while the app runs."""
-    settings = app[SETTINGS].provider
-    async with REGISTRY[settings.name](settings) as provider:
-        app[PROVIDER] = provider
-        yield
+def provider_context(settings: ProviderSettings) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context: the provider `settings` name is open while the app runs."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        async with REGISTRY[settings.name](settings) as provider:
+            app[PROVIDER] = provider
+            yield
+
+    return context

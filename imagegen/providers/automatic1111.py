@@ -4,15 +4,35 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import aiohttp
+from pydantic import Field, model_validator
 
-from ..config import Automatic1111Settings, ProviderSettings
-from . import ImageRequest
+from ..settings_base import BaseUrl, Section
+from .base import ImageRequest
 from .http import ImageApi, secret_from_env
 
+if TYPE_CHECKING:
+    from . import ProviderSettings  # for annotations only: the package imports this module
+
 PATH = "/sdapi/v1/txt2img"
+
+
+class Automatic1111Settings(Section):
+    base_url: BaseUrl = "http://127.0.0.1:7860"
+    steps: Annotated[int, Field(ge=1, le=150)] = 20
+    negative_prompt: str = ""
+    sampler_name: str = ""
+    max_batch_size: Annotated[int, Field(ge=1, le=100)] = 1
+    username: str = ""
+    password_env: str = ""
+
+    @model_validator(mode="after")
+    def _password_with_username(self) -> Automatic1111Settings:
+        if self.username and not self.password_env:
+            raise ValueError("with a username, password_env must name the variable holding the password")
+        return self
 
 
 class Automatic1111Provider:

@@ -16,15 +16,18 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
 from multidict import CIMultiDictProxy
 from PIL import Image
 
-from ..config import ConfigError, ProviderSettings
-from . import ProviderError
+from ..settings_base import ConfigError
+from .base import ProviderError
+
+if TYPE_CHECKING:
+    from . import ProviderSettings  # for annotations only: the package imports this module
 
 # Enough of an upstream error message to act on; some servers send whole tracebacks.
 DETAIL_MAX_CHARS = 300

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+from typing import TYPE_CHECKING
 
-from ..config import ProviderSettings
-from . import ImageRequest, ProviderError
+from .base import ImageRequest, ProviderError
 from .local_art import ANIMALS, draw
+
+if TYPE_CHECKING:
+    from . import ProviderSettings  # for annotations only: the package imports this module
 
 
 class LocalProvider:

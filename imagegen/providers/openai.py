@@ -4,17 +4,39 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from ..config import OpenAISettings, ProviderSettings
-from . import ImageRequest, ProviderError
+from pydantic import Field, field_validator
+
+from ..settings_base import BaseUrl, Section
+from .base import ImageRequest, ProviderError
 from .http import ImageApi, Reply, clip, secret_from_env
+
+if TYPE_CHECKING:
+    from . import ProviderSettings  # for annotations only: the package imports this module
 
 PATH = "/v1/images/generations"
 
 # The error codes of a refusal by the API's safety system (dall-e-*, gpt-image-*): only another
 # prompt helps, never a retry.
 CONTENT_POLICY_CODES = frozenset({"content_policy_violation", "moderation_blocked"})
+
+
+class OpenAISettings(Section):
+    base_url: BaseUrl = "https://api.openai.com"
+    api_key_env: str = "OPENAI_API_KEY"
+    model: str = "dall-e-3"
+    response_format: Literal["b64_json", "url", ""] = "b64_json"
+    max_n_per_request: Annotated[int, Field(ge=1, le=100)] = 1
+    quality: str = ""
+    style: str = ""
+
+    @field_validator("base_url")
+    @classmethod
+    def _without_v1(cls, value: str) -> str:
+        if value.endswith("/v1"):
+            raise ValueError("leave out /v1: the provider adds /v1/images/generations itself")
+        return value
 
 
 class OpenAIProvider:

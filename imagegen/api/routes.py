@@ -1,4 +1,4 @@
-"""HTTP handlers: parse and validate the request, call the job service, serialise the answer.
+"""HTTP handlers: parse and validate the request, call the job service, render the answer.
 
 Each handler's `@operation` documents it in the OpenAPI document, from the same models it
 validates and serialises with.
@@ -13,13 +13,24 @@ from typing import Annotated
 from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from .config import SETTINGS
-from .errors import InvalidRequest, MalformedRequest, NotFound, UnsupportedMediaType, invalid_fields
-from .events import BROADCASTER
-from .jobs import CURSOR_PATTERN, JOBS, JobPage, parse_job_id
-from .models import JOB_ID_PATTERN, CreateJob, Job, JobAccepted, JobStatus
+from ..config import SETTINGS
+from ..events import BROADCASTER
+from ..jobs import JOBS, JobService
+from ..models import CreateJob, Job, JobAccepted, JobPage, JobStatus
+from ..storage import IMAGES
 from .openapi import JSON, Reply, operation
-from .storage import IMAGES
+from .params import (
+    CURSOR_PATTERN,
+    ImagePath,
+    JobPath,
+    base_url,
+    decode_cursor,
+    encode_cursor,
+    parse_job_id,
+    single_query,
+)
+from .problems import InvalidRequest, MalformedRequest, NotFound, UnsupportedMediaType, invalid_fields
+from .render import event_json, job_json
 
 
 # The request body model narrowed to this app's settings, made once per app (hashing the
@@ -48,51 +59,12 @@ class ListQuery(BaseModel):
     status: JobStatus | None = Field(default=None, description="Only jobs in this status.")
 
 
-# parse_job_id checks the same JOB_ID_PATTERN in the handlers, with a friendlier message.
-JobId = Annotated[str, Field(alias="jobId", pattern=JOB_ID_PATTERN, description="The job's id, a UUID.")]
-
-
-class JobPath(BaseModel):
-    """Path parameters of /generations/{jobId}."""
-
-    job_id: JobId
-
-
-class ImagePath(BaseModel):
-    """Path parameters of /images/{jobId}/{index}.png."""
-
-    job_id: JobId
-    index: int = Field(ge=0, description="Which of the job's images, from 0.")
-
-
 class ImageHeaders(BaseModel):
     """Request headers GET /images/... honours (aiohttp's FileResponse reads them)."""
 
     if_none_match: str | None = Field(
         default=None, alias="If-None-Match", description="The ETag of a copy you hold: 304 if it is current."
     )
-
-
-def base_url(request: web.Request) -> str:
-    """The base of absolute URLs: server.public_url, else the request's own scheme and host."""
-    return request.app[PUBLIC_URL] or f"{request.scheme}://{request.host}"
-
-
-# server.public_url, looked up once per request rather than through the settings models.
-PUBLIC_URL = web.AppKey("public_url", str)
-
-
-def single_query(request: web.Request) -> dict[str, str]:
-    """The query parameters, each given at most once (a repeated one is refused, not guessed at)."""
-    query: dict[str, str] = {}
-    for key, value in request.query.items():
-        if key in query:
-            raise InvalidRequest(
-                f"query parameter {key} is given more than once",
-                invalid_params=[{"name": key, "in": "query", "reason": "repeated"}],
-            )
-        query[key] = value
-    return query
 
 
 class CreateHeaders(BaseModel):
@@ -162,7 +134,7 @@ async def create_generation(request: web.Request) -> web.Response:
     headers["Vary"] = "Prefer"
     job = await _wait_until_finished(request, created.job_id, wait_s)
     if job.status.terminal:
-        return web.Response(status=201, body=jobs.render(job, base_url(request)), content_type=JSON, headers=headers)
+        return web.Response(status=201, body=job_json(job, base_url(request)), content_type=JSON, headers=headers)
     body = b'{"jobId":"%s","status":"%s"}' % (job.job_id.encode(), job.status.value.encode())
     return web.Response(status=202, body=body, content_type=JSON, headers=headers)
 
@@ -226,8 +198,19 @@ async def _wait_until_finished(request: web.Request, job_id: str, wait_s: float)
 )
 async def get_generation(request: web.Request) -> web.Response:
     """GET /generations/{jobId}: the job as it is now."""
-    body = await request.app[JOBS].render_current(parse_job_id(request.match_info["jobId"]), base_url(request))
+    jobs = request.app[JOBS]
+    job_id = parse_job_id(request.match_info["jobId"])
+    latest = jobs.latest(job_id)
+    if latest is not None:  # in memory: no database read
+        body = event_json(latest, base_url(request), jobs.queue_position(job_id))
+    else:
+        body = render(jobs, await jobs.get(job_id), base_url(request))
     return web.Response(body=body, content_type=JSON)
+
+
+def render(jobs: JobService, job: Job, base: str) -> bytes:
+    """The job's JSON as the API shows it now."""
+    return job_json(job, base, jobs.queue_position(job.job_id))
 
 
 @operation(
@@ -242,7 +225,7 @@ async def cancel_generation(request: web.Request) -> web.Response:
     """POST /generations/{jobId}/cancel: stop a pending or processing job."""
     jobs = request.app[JOBS]
     job = await jobs.cancel(parse_job_id(request.match_info["jobId"]))
-    return web.Response(body=jobs.render(job, base_url(request)), content_type=JSON)
+    return web.Response(body=render(jobs, job, base_url(request)), content_type=JSON)
 
 
 @operation(
@@ -254,9 +237,7 @@ async def cancel_generation(request: web.Request) -> web.Response:
 )
 async def delete_generation(request: web.Request) -> web.Response:
     """DELETE /generations/{jobId}: remove a finished job and its image files."""
-    job_id = parse_job_id(request.match_info["jobId"])
-    await request.app[JOBS].delete(job_id)
-    await request.app[IMAGES].delete_job(job_id)
+    await request.app[JOBS].delete(parse_job_id(request.match_info["jobId"]))
     return web.Response(status=204)
 
 
@@ -275,10 +256,11 @@ async def list_generations(request: web.Request) -> web.Response:
     except ValidationError as exc:
         raise invalid_fields(exc, "query") from None
     service = request.app[JOBS]
-    page: JobPage = await service.list(params.limit, params.cursor, params.status)
+    below = decode_cursor(params.cursor) if params.cursor else None
+    page, next_seq = await service.list(params.limit, below, params.status)
     base = base_url(request)
-    jobs = b",".join(service.render(job, base) for job in page.jobs)
-    cursor = json.dumps(page.next_cursor).encode()
+    jobs = b",".join(render(service, job, base) for job in page)
+    cursor = json.dumps(None if next_seq is None else encode_cursor(next_seq)).encode()
     return web.Response(body=b'{"jobs":[%s],"nextCursor":%s}' % (jobs, cursor), content_type=JSON)
 
 

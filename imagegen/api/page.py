@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .config import SETTINGS
+from ..config import SETTINGS
 from .openapi import Reply, operation
 
 PAGE_PATH = Path(__file__).resolve().parent / "static" / "index.html"

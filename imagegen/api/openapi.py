@@ -29,8 +29,8 @@ from apispec import APISpec
 from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from .config import SETTINGS, Settings
-from .errors import PROBLEM_JSON, Problem
+from ..config import SETTINGS, Settings
+from .problems import PROBLEM_JSON, Problem
 
 JSON = "application/json"
 _REF_TEMPLATE = "#/components/schemas/{model}"

@@ -11,15 +11,17 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import SETTINGS
-from .errors import invalid_fields
-from .events import BROADCASTER, EVENT_LOG, ReplayGap, Subscription
-from .jobs import JOBS, JobEvent, parse_job_id
-from .models import Job
+from ..config import SETTINGS
+from ..events import BROADCASTER, ReplayGap, Subscription, replay
+from ..jobs import JOBS
+from ..models import Job
+from ..store import STORE, JobEvent
 from .openapi import Reply, operation
-from .routes import JobPath, base_url, single_query
+from .params import JobPath, base_url, parse_job_id, single_query
+from .problems import invalid_fields
+from .render import event_frame, job_json
 
-# Ids are SQLite integers: up to 18 digits stays below 2**63.
+# Ids are 64-bit integers in both databases: up to 18 digits stays below 2**63.
 EVENT_ID_PATTERN = r"^[0-9]{1,18}$"
 
 # Kernel send buffer per stream. Linux lets a socket's buffer grow to megabytes, which times
@@ -134,7 +136,7 @@ class _Stream:
 
     async def send(self, event: JobEvent) -> None:
         if event.seq > self.sent:
-            await self.response.write(event.frame(self.base, self.jobs.queue_position(event.job_id)))
+            await self.response.write(event_frame(event, self.base, self.jobs.queue_position(event.job_id)))
             self.sent = event.seq
 
     async def send_plain(self, name: str, data: dict[str, Any], seq: int | None = None) -> None:
@@ -145,7 +147,8 @@ class _Stream:
     async def send_state(self, job: Job) -> None:
         """A job's current state, as `job.state`. It carries no id (ids belong to committed
         events): the caller sends an event with one first (reset or ready)."""
-        await self.response.write(b"event: job.state\ndata: %s\n\n" % self.jobs.render(job, self.base))
+        data = job_json(job, self.base, self.jobs.queue_position(job.job_id))
+        await self.response.write(b"event: job.state\ndata: %s\n\n" % data)
 
     async def live(self, stop_after_terminal: bool) -> None:
         """Forward live events until the subscription closes (shutdown, disconnect, overflow)."""
@@ -154,7 +157,7 @@ class _Stream:
             for event in events:
                 if event.seq <= self.sent:
                     continue  # already sent during replay
-                frames.append(event.frame(self.base, self.jobs.queue_position(event.job_id)))
+                frames.append(event_frame(event, self.base, self.jobs.queue_position(event.job_id)))
                 self.sent = event.seq
                 if stop_after_terminal and event.terminal:
                     await self.response.write(b"".join(frames))
@@ -194,24 +197,23 @@ async def stream_all(request: web.Request) -> web.StreamResponse:
     """GET /generations/events: every job's changes, resumable by Last-Event-ID."""
     last_id = _last_event_id(request)
     broadcaster = request.app[BROADCASTER]
-    event_log = request.app[EVENT_LOG]
+    store = request.app[STORE]
     jobs = request.app[JOBS]
     # Subscribe before reading the table: whatever commits after the read is in the buffer.
     subscription = broadcaster.subscribe()
 
     async def reset(stream: _Stream, latest: int) -> None:
         await stream.reset(latest, "the requested id is no longer retained")
-        cursor = None
+        below = None
         while True:  # the current state of every job it follows: all of them
-            page = await jobs.list(200, cursor, None)
-            for job in page.jobs:
+            page, below = await jobs.list(200, below, None)
+            for job in page:
                 await stream.send_state(job)
-            cursor = page.next_cursor
-            if cursor is None:
+            if below is None:
                 break
 
     async def body(stream: _Stream) -> None:
-        latest, pruned = await event_log.horizon()
+        latest, pruned = await store.horizon()
         if last_id is None:
             # Give the client an id at once, so a drop before the first change loses nothing.
             await stream.send_plain("ready", {"lastEventId": latest}, latest)
@@ -220,10 +222,10 @@ async def stream_all(request: web.Request) -> web.StreamResponse:
         else:
             stream.sent = last_id
             try:
-                async for event in event_log.after(last_id):
+                async for event in replay(store, last_id):
                     await stream.send(event)
             except ReplayGap:
-                await reset(stream, (await event_log.horizon())[0])
+                await reset(stream, (await store.horizon())[0])
         await stream.live(stop_after_terminal=False)
 
     try:
@@ -251,13 +253,13 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
     job_id = parse_job_id(request.match_info["jobId"])
     last_id = _last_event_id(request)
     jobs = request.app[JOBS]
-    event_log = request.app[EVENT_LOG]
+    store = request.app[STORE]
     broadcaster = request.app[BROADCASTER]
     job = await jobs.get(job_id)  # 404 before any stream starts: EventSource then stops for good
     subscription = broadcaster.subscribe(job_id)
     try:
-        latest, pruned = await event_log.horizon()
-        latest_of_job = await event_log.latest_of(job_id)
+        latest, pruned = await store.horizon()
+        latest_of_job = await store.latest_event(job_id)
         resumable = last_id is not None and pruned <= last_id <= latest
         if job.status.terminal and resumable and (latest_of_job is None or latest_of_job.seq <= last_id):
             # The client already has the final state: 204 tells EventSource not to reconnect.
@@ -266,7 +268,7 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
         async def state(stream: _Stream) -> None:
             # The job's row as it is now, after an event that gives the client an id to resume
             # from (job.state carries none): a reset if its id was too old, else ready.
-            latest, _ = await event_log.horizon()
+            latest, _ = await store.horizon()
             if last_id is not None:
                 await stream.reset(latest, "the requested id is no longer retained")
             else:
@@ -280,7 +282,7 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
             if resumable:
                 stream.sent = last_id
                 try:
-                    async for event in event_log.after(last_id, job_id):
+                    async for event in replay(store, last_id, job_id):
                         await stream.send(event)
                         if event.terminal:
                             raise _StreamEnded

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, Field
 
-from .errors import problem_errors
+from .problems import problem_errors
 from .openapi import Reply, build_document, operation
 
 HTML = "text/html"

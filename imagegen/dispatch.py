@@ -1,0 +1,256 @@
+"""The dispatcher: which job a free worker takes next, queue positions, and the pending count.
+
+Two implementations, chosen by the backend:
+- LocalDispatcher (SQLite, one process): an asyncio.Queue of job ids, filled from the feed
+  and, at start-up, from the pending jobs (after handing back what a crash left processing);
+  retry backoffs wait on timers.
+- DatabaseDispatcher (PostgreSQL, many nodes): the database hands out the oldest runnable job
+  (FOR UPDATE SKIP LOCKED); the feed only wakes idle workers, within milliseconds of a commit
+  on any node, and a short poll covers a wake-up that was missed.
+
+Both keep a QueueIndex from the feed: every pending job's place in creation order, for queue
+positions (and on SQLite, the count that backpressure checks; on PostgreSQL the create's own
+transaction counts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import suppress
+from datetime import UTC, datetime
+from typing import Protocol
+
+from aiohttp import web
+
+from .config import SETTINGS, Settings
+from .feed import FEED, Feed
+from .models import Job
+from .store import STORE, JobEvent, JobStore, PendingJob
+
+log = logging.getLogger(__name__)
+
+# How long an idle worker on PostgreSQL waits for a wake-up before it asks the database
+# anyway: what a lost notification (a dropped connection) costs at most.
+CLAIM_POLL_S = 1.0
+
+
+class QueueIndex:
+    """Every pending job's seq, sorted: a job's queue position is its index here.
+
+    Kept from the feed, so it is a cache of committed facts on every node; loaded at start-up
+    from the database, with the events that arrive during the load applied after it.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, int] = {}
+        self._order: list[int] = []
+        self._loading: list[JobEvent] | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self._pending)
+
+    def position(self, job_id: str) -> int | None:
+        """1 for the next pending job to be claimed; None if the job is not pending."""
+        seq = self._pending.get(job_id)
+        return None if seq is None else bisect.bisect_left(self._order, seq) + 1
+
+    async def load(self, store: JobStore) -> list[PendingJob]:
+        """Fill the index from the database; returns the pending jobs, oldest first."""
+        self._loading = []
+        try:
+            pending, as_of = await store.pending()
+            for job in pending:
+                self._track(job.job_id, job.seq, True)
+        finally:
+            buffered, self._loading = self._loading, None
+        self.on_events([event for event in buffered if event.seq > as_of])
+        return pending
+
+    def on_events(self, events: Sequence[JobEvent]) -> None:
+        """Feed listener."""
+        if self._loading is not None:
+            self._loading.extend(events)
+            return
+        for event in events:
+            self._track(event.job_id, event.job_seq, event.pending)
+
+    def _track(self, job_id: str, seq: int, pending: bool) -> None:
+        if pending and job_id not in self._pending:
+            self._pending[job_id] = seq
+            bisect.insort(self._order, seq)
+        elif not pending and job_id in self._pending:
+            seq = self._pending.pop(job_id)
+            del self._order[bisect.bisect_left(self._order, seq)]
+
+
+class Dispatcher(Protocol):
+    """Hands claimed jobs to the workers."""
+
+    index: QueueIndex
+    # Whether the store's create must count pending jobs itself (many nodes), or the index's
+    # count, checked in memory before the create, is exact (one process).
+    counts_in_database: bool
+
+    async def start(self) -> None:
+        """Subscribe to the feed and take up the jobs that are waiting."""
+
+    async def next_job(self, owner: str, lease_s: float) -> Job:
+        """Wait for a job this worker may draw, and claim it."""
+
+    def job_done(self) -> None:
+        """The job next_job returned is finished with (drawn, failed or handed back)."""
+
+    def close(self) -> None: ...
+
+
+def _seconds_until(timestamp: str) -> float:
+    return (datetime.fromisoformat(timestamp) - datetime.now(UTC)).total_seconds()
+
+
+def _not_before(event: JobEvent) -> str | None:
+    return json.loads(event.snapshot).get("not_before")
+
+
+class LocalDispatcher:
+    """SQLite: the queue of job ids is an asyncio.Queue, and the one process owns every job."""
+
+    counts_in_database = False
+
+    def __init__(self, store: JobStore, feed: Feed, settings: Settings) -> None:
+        self._store = store
+        self._feed = feed
+        self._max_recoveries = settings.jobs.max_recoveries
+        self.index = QueueIndex()
+        # Job ids waiting for a worker. The database is the truth: this queue is rebuilt
+        # from the pending jobs at every start.
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        # Retries waiting out their backoff before they are queued again.
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+
+    async def start(self) -> None:
+        # Alone on the file, so whatever is processing was running when the process died.
+        # Handed back before subscribing: the pending jobs read next include those.
+        await self._store.recover(self._max_recoveries)
+        self._feed.subscribe(self.index.on_events)
+        self._feed.subscribe(self._on_events)
+        for job in await self.index.load(self._store):
+            self._enqueue(job.job_id, job.not_before)
+
+    def _on_events(self, events: Sequence[JobEvent]) -> None:
+        for event in events:
+            # Queued from the commit itself, not from the creating request: a request
+            # cancelled after its job committed must not leave the job waiting for a restart.
+            if event.name in ("job.created", "job.requeued"):
+                self.queue.put_nowait(event.job_id)
+            elif event.name == "job.retrying":
+                self._enqueue(event.job_id, _not_before(event))
+            elif event.terminal and (timer := self._timers.pop(event.job_id, None)):
+                timer.cancel()  # a retry that will never be wanted
+
+    def _enqueue(self, job_id: str, not_before: str | None) -> None:
+        wait_s = _seconds_until(not_before) if not_before else 0.0
+        if wait_s <= 0:
+            self.queue.put_nowait(job_id)
+            return
+
+        def enqueue() -> None:
+            self._timers.pop(job_id, None)
+            self.queue.put_nowait(job_id)
+
+        self._timers[job_id] = asyncio.get_running_loop().call_later(wait_s, enqueue)
+
+    async def next_job(self, owner: str, lease_s: float) -> Job:
+        while True:
+            job_id = await self.queue.get()
+            try:
+                claimed = await self._store.claim(job_id, owner, lease_s)
+            except BaseException:
+                self.queue.task_done()
+                raise
+            if claimed is not None:
+                return claimed.job
+            self.queue.task_done()  # no longer pending: canceled, or claimed already
+
+    def job_done(self) -> None:
+        self.queue.task_done()
+
+    def close(self) -> None:
+        """Forget scheduled retries (they are pending in the database and resume at start-up)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._feed.unsubscribe(self._on_events)
+        self._feed.unsubscribe(self.index.on_events)
+
+
+class DatabaseDispatcher:
+    """PostgreSQL: the database decides who draws what; the feed wakes idle workers."""
+
+    counts_in_database = True
+
+    def __init__(self, store: JobStore, feed: Feed, settings: Settings) -> None:
+        self._store = store
+        self._feed = feed
+        self.index = QueueIndex()
+        self._wake = asyncio.Event()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+
+    async def start(self) -> None:
+        # No recovery here: jobs another node is drawing carry its live lease; the rescuer
+        # (maintenance.py) hands back only jobs whose lease expired.
+        self._feed.subscribe(self.index.on_events)
+        self._feed.subscribe(self._on_events)
+        await self.index.load(self._store)
+        self._wake.set()
+
+    def _on_events(self, events: Sequence[JobEvent]) -> None:
+        for event in events:
+            if event.name in ("job.created", "job.requeued"):
+                self._wake.set()
+            elif event.name == "job.retrying" and (not_before := _not_before(event)):
+                # Every node wakes when the backoff ends; the database gives the job to one.
+                loop = asyncio.get_running_loop()
+                self._timers[event.job_id] = loop.call_later(max(0.0, _seconds_until(not_before)), self._wake.set)
+            elif event.terminal and (timer := self._timers.pop(event.job_id, None)):
+                timer.cancel()
+
+    async def next_job(self, owner: str, lease_s: float) -> Job:
+        claim_next = getattr(self._store, "claim_next")
+        while True:
+            # Cleared before asking, so a commit that lands while we ask wakes us again.
+            self._wake.clear()
+            claimed = await claim_next(owner, lease_s)
+            if claimed is not None:
+                return claimed.job
+            with suppress(TimeoutError):
+                async with asyncio.timeout(CLAIM_POLL_S):
+                    await self._wake.wait()
+
+    def job_done(self) -> None:
+        pass
+
+    def close(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._feed.unsubscribe(self._on_events)
+        self._feed.unsubscribe(self.index.on_events)
+
+
+DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+
+
+async def dispatcher_context(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: the dispatcher follows the feed while the app runs."""
+    store = app[STORE]
+    kind = DatabaseDispatcher if store.backend == "postgres" else LocalDispatcher
+    dispatcher = kind(store, app[FEED], app[SETTINGS])
+    await dispatcher.start()
+    app[DISPATCHER] = dispatcher
+    yield
+    dispatcher.close()

@@ -1,0 +1,186 @@
+"""The job store: one small protocol of domain operations, with a SQLite and a PostgreSQL backend.
+
+Every SQL string lives in its backend's module (`sqlite.py`, `postgres.py`); nothing else
+imports a database driver. Each change commits the job's new state and its event in one
+transaction and returns the events it committed; after the commit the store publishes them,
+in commit order, to the one feed of committed changes (`feed.py`) that everything reacting to a
+change follows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from ..config import SETTINGS, Settings
+from ..feed import FEED, Feed
+from ..models import TERMINAL, Job, JobStatus
+
+
+class JobEvent:
+    """A committed change of a job: its id in the event log, its name, the job after it.
+
+    A plain class with slots rather than a frozen dataclass: every create makes one, on the
+    event loop's busiest path, and a frozen dataclass's __init__ is several times slower.
+    Treat it as immutable.
+    """
+
+    __slots__ = ("seq", "name", "job_id", "snapshot", "job_seq", "status", "_job", "renderings")
+
+    def __init__(self, seq: int, name: str, job_id: str, snapshot: str, job_seq: int, status: str) -> None:
+        self.seq = seq
+        self.name = name
+        self.job_id = job_id
+        self.snapshot = snapshot  # the job's row as JSON, exactly as committed with this event
+        self.job_seq = job_seq  # the job's own seq (its place in creation order)
+        self.status = status  # the job's status after the change
+        self._job: Job | None = None
+        # Whoever renders this event for clients (the HTTP layer) keeps its renderings here:
+        # a committed event never changes, so thousands of subscribers and pollers share one.
+        self.renderings: dict[Any, bytes] | None = None
+
+    def __repr__(self) -> str:
+        return f"JobEvent({self.seq}, {self.name!r}, {self.job_id!r}, status={self.status!r})"
+
+    @property
+    def job(self) -> Job:
+        # Parsed on first use: most events of a busy server (a create with nobody streaming)
+        # are never looked at beyond their job id and status.
+        if self._job is None:
+            self._job = Job.from_row(json.loads(self.snapshot))
+        return self._job
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def pending(self) -> bool:
+        return self.status == JobStatus.PENDING
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job to create: everything but its seq, which the database assigns."""
+
+    job_id: str
+    num_images: int
+    animal: str
+    prompt: str | None
+    now: str  # created_at and updated_at
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """The Idempotency-Key a create came with, and the fingerprint of its body."""
+
+    key: str
+    request_hash: str
+
+
+@dataclass(frozen=True)
+class KeyReused:
+    """The create found its Idempotency-Key already used: by this job, for this body or not."""
+
+    job_id: str
+    same_body: bool
+
+
+@dataclass(frozen=True)
+class PendingJob:
+    """A pending job as the dispatcher needs it: its id, creation order and backoff."""
+
+    job_id: str
+    seq: int
+    not_before: str | None
+
+
+class QueueLimit(Exception):
+    """The store refused a create: `pending` jobs are waiting, the most allowed."""
+
+    def __init__(self, pending: int) -> None:
+        super().__init__(f"{pending} jobs are pending")
+        self.pending = pending
+
+
+class JobStore(Protocol):
+    """What the service needs of a database: each method one domain operation, one transaction."""
+
+    backend: str  # "sqlite" or "postgres"
+    # True where a commit reaches the feed before the writer hears it committed (SQLite, one
+    # process): an in-memory copy kept from the feed is then never older than the database.
+    feed_is_synchronous: bool
+
+    # --- admission and reads ---
+    async def create(
+        self, new: NewJob, idempotency: Idempotency | None, max_pending: int | None
+    ) -> JobEvent | KeyReused:
+        """Commit a new pending job and its job.created event; with `max_pending`, raise
+        QueueLimit instead if that many jobs are already pending (counted in the transaction)."""
+    async def idempotency_key_job(self, key: str) -> str | None: ...
+    async def get(self, job_id: str) -> Job | None: ...
+    async def list(self, below_seq: int, limit: int, status: JobStatus | None) -> list[Job]:
+        """Jobs with seq below `below_seq`, newest first."""
+    async def pending(self) -> tuple[list[PendingJob], int]:
+        """Every pending job, oldest first, and the id of the last event that state includes."""
+
+    # --- the workers' side: results are fenced on the attempt (and on PostgreSQL the lease) ---
+    async def claim(self, job_id: str, owner: str, lease_s: float) -> JobEvent | None: ...
+    async def add_image(self, job: Job, path: str, owner: str) -> JobEvent | None: ...
+    async def complete(self, job: Job, owner: str) -> JobEvent | None: ...
+    async def fail(self, job: Job, code: str, message: str, retryable: bool, owner: str) -> JobEvent | None: ...
+    async def retry(self, job: Job, code: str, message: str, not_before: str, owner: str) -> JobEvent | None: ...
+    async def release(self, job: Job, owner: str) -> JobEvent | None: ...
+    async def heartbeat(self, owner: str, lease_s: float) -> int: ...
+    async def recover(self, max_recoveries: int) -> list[JobEvent]:
+        """Hand back the processing jobs nobody draws any more: on SQLite every one (the one
+        process calls it as it starts), on PostgreSQL those whose lease expired (any node, one
+        at a time). A job found abandoned `max_recoveries` times fails instead (a poison job)."""
+
+    # --- control ---
+    async def cancel(self, job_id: str) -> JobEvent | None: ...
+    async def delete(self, job_id: str) -> JobEvent | JobStatus | None:
+        """Remove a terminal job: its job.deleted event, or the status that kept it, or None."""
+
+    # --- the event log ---
+    async def events_after(self, seq: int, job_id: str | None, limit: int) -> list[JobEvent]: ...
+    async def latest_event(self, job_id: str) -> JobEvent | None: ...
+    async def horizon(self) -> tuple[int, int]:
+        """(latest, pruned): events with ids above `pruned`, up to `latest`, can be replayed."""
+    async def prune(self, keep_events: int, keys_before: str) -> int:
+        """Keep the newest `keep_events` events and the idempotency keys made since
+        `keys_before`; return the new pruned-through event id. On PostgreSQL one node at a
+        time does it; the others return at once."""
+
+    async def close(self) -> None: ...
+
+
+STORE = web.AppKey("store", JobStore)
+
+
+async def open_store(settings: Settings, feed: Feed) -> JobStore:
+    """Open the configured backend (migrating its schema), publishing to `feed`."""
+    if settings.storage.backend == "postgres":
+        from .postgres import PostgresStore
+
+        return await PostgresStore.open(settings.storage, feed)
+    from .sqlite import SQLiteStore
+
+    return await SQLiteStore.open(settings.database_path, feed)
+
+
+async def store_context(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: the store is open while the app runs, and closes last."""
+    store = await open_store(app[SETTINGS], app[FEED])
+    app[STORE] = store
+    # In a finally: when a later context fails at start-up, aiohttp skips this cleanup and
+    # run_app only closes the suspended generator; without it, open connections' threads
+    # would keep the process alive after the error.
+    try:
+        yield
+    finally:
+        await store.close()

@@ -1,0 +1,634 @@
+"""The SQLite job store: one group-committing writer, a reader connection, and every SQLite SQL string.
+
+Writes are small functions ("write ops") that run on the writer's own connection. The writer
+task takes every op that is queued, runs them all inside one BEGIN IMMEDIATE transaction on the
+connection's thread in a single call, commits once (one fsync under synchronous=FULL for the
+whole batch), publishes the batch's events to the feed, and only then resolves each caller.
+Reads use a separate connection and never wait behind the writer: WAL lets them see the last
+committed state while a write is in progress.
+
+One process owns the file, so the feed is fed straight from the commits (feed_is_synchronous)
+and a starting process may treat every processing job as abandoned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from ..errors import StartupError
+from ..feed import Feed
+from ..models import Job, JobStatus, now_text
+from . import Idempotency, JobEvent, KeyReused, NewJob, PendingJob
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# A write: runs on the writer's thread, inside the batch's transaction. Returns raw values;
+# the op's `finish` turns them into (result, events) on the event loop after the commit.
+WriteOp = Callable[[sqlite3.Connection], Any]
+Finish = Callable[[Any], tuple[Any, Sequence[JobEvent]]]
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+# Version 1 is the shipped schema.sql; each later version is one file in migrations/sqlite.
+SCHEMA_V1 = ROOT / "schema.sql"
+MIGRATIONS = Path(__file__).resolve().parent / "migrations" / "sqlite"
+
+# Upper bound on ops in one transaction, so one huge burst cannot hold the write lock for long.
+MAX_BATCH = 512
+
+# --- queries -------------------------------------------------------------------------------
+
+SELECT_JOB = "SELECT * FROM jobs WHERE id = ?"
+
+# Newest first; seq is the cursor, so rows inserted while a client walks the list never shift it.
+LIST_JOBS = "SELECT * FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?"
+LIST_JOBS_BY_STATUS = "SELECT * FROM jobs WHERE status = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
+
+CLAIM_JOB = """
+UPDATE jobs SET status = 'processing', attempts = attempts + 1, lease_owner = ?3,
+       started_at = coalesce(started_at, ?1), updated_at = ?1
+WHERE id = ?2 AND status = 'pending'
+"""
+
+# Fenced on the attempt: a worker whose claim was superseded cannot write.
+ADD_IMAGE = """
+UPDATE jobs SET images = json_insert(images, '$[#]', ?1), updated_at = ?2
+WHERE id = ?3 AND status = 'processing' AND attempts = ?4 AND json_array_length(images) = ?5
+"""
+
+# A completed or canceled job shows no error, though an earlier attempt may have failed.
+COMPLETE_JOB = """
+UPDATE jobs SET status = 'completed', completed_at = ?1, updated_at = ?1, lease_owner = NULL,
+       error_code = NULL, error_message = NULL, error_retryable = NULL
+WHERE id = ?2 AND status = 'processing' AND attempts = ?3 AND json_array_length(images) = num_images
+"""
+
+FAIL_JOB = """
+UPDATE jobs SET status = 'failed', error_code = ?1, error_message = ?2, error_retryable = ?6,
+       completed_at = ?3, updated_at = ?3, lease_owner = NULL
+WHERE id = ?4 AND status = 'processing' AND attempts = ?5
+"""
+
+# A retryable failure: back to pending with the error kept, to be claimed again after ?5.
+RETRY_JOB = """
+UPDATE jobs SET status = 'pending', error_code = ?1, error_message = ?2, error_retryable = 1,
+       not_before = ?5, updated_at = ?3, lease_owner = NULL
+WHERE id = ?4 AND status = 'processing' AND attempts = ?6
+"""
+
+RELEASE_JOB = """
+UPDATE jobs SET status = 'pending', updated_at = ?1, lease_owner = NULL
+WHERE id = ?2 AND status = 'processing' AND attempts = ?3
+"""
+
+CANCEL_JOB = """
+UPDATE jobs SET status = 'canceled', completed_at = ?1, updated_at = ?1, lease_owner = NULL,
+       error_code = NULL, error_message = NULL, error_retryable = NULL
+WHERE id = ?2 AND status IN ('pending', 'processing')
+"""
+
+# The row goes; its events stay (a stream replays the deletion) until retention prunes them.
+DELETE_JOB = "DELETE FROM jobs WHERE id = ? AND status IN ('completed', 'failed', 'canceled')"
+# A deleted job's idempotency keys go with it: a key may then create a job again.
+DELETE_JOB_KEYS = "DELETE FROM idempotency_keys WHERE job_id = ?"
+
+JOB_STATUS = "SELECT status FROM jobs WHERE id = ?"
+
+# At start-up, a job found processing was running when the process died. One that has been
+# running in max_recoveries crashes already is failed (a poison job), the rest are handed back.
+FAIL_POISON_JOBS = """
+UPDATE jobs SET status = 'failed', error_code = 'crashed_repeatedly', error_retryable = 0,
+       error_message = 'The service stopped unexpectedly while drawing this job ' || (recoveries + 1)
+                       || ' times; it is not tried again.',
+       recoveries = recoveries + 1, completed_at = ?1, updated_at = ?1, lease_owner = NULL
+WHERE status = 'processing' AND recoveries + 1 >= ?2
+RETURNING id
+"""
+RECOVER_JOBS = """
+UPDATE jobs SET status = 'pending', recoveries = recoveries + 1, updated_at = ?, lease_owner = NULL
+WHERE status = 'processing'
+RETURNING id
+"""
+
+PENDING_JOBS = "SELECT id, seq, not_before FROM jobs WHERE status = 'pending' ORDER BY seq"
+
+IDEMPOTENCY_KEY = "SELECT request_hash, job_id FROM idempotency_keys WHERE key = ?"
+INSERT_IDEMPOTENCY_KEY = "INSERT INTO idempotency_keys (key, request_hash, job_id, created_at) VALUES (?, ?, ?, ?)"
+PRUNE_IDEMPOTENCY_KEYS = "DELETE FROM idempotency_keys WHERE created_at < ?"
+
+# What an event row is read as. The job's seq and status are pulled out of the snapshot by
+# SQLite, so the service can keep its queue index without parsing every snapshot in Python.
+EVENT_COLUMNS = (
+    "seq, name, job_id, job, json_extract(job, '$.seq') AS job_seq, json_extract(job, '$.status') AS status"
+)
+
+# The event for a change just made to job ?2, with the job row as it now is: the snapshot is
+# built by SQLite in the same transaction, so it is exactly what was committed.
+_SNAPSHOT = """json_object(
+           'seq', seq, 'id', id, 'status', status, 'num_images', num_images, 'animal', animal,
+           'prompt', prompt, 'images', images, 'attempts', attempts, 'error_code', error_code,
+           'error_message', error_message, 'error_retryable', error_retryable,
+           'created_at', created_at, 'updated_at', updated_at, 'started_at', started_at,
+           'completed_at', completed_at, 'not_before', not_before)"""
+INSERT_EVENT = f"""
+INSERT INTO events (job_id, name, job, created_at)
+SELECT id, ?1, {_SNAPSHOT}, updated_at
+FROM jobs WHERE id = ?2
+RETURNING {EVENT_COLUMNS}
+"""
+
+# Many new jobs, and then their job.created events, in one statement each (a group commit's
+# creates): the VALUES rows are appended. _created_snapshot writes those snapshots itself, with
+# _SNAPSHOT's keys in its order (tests/test_db.py checks they agree).
+INSERT_JOBS = "INSERT INTO jobs (id, num_images, animal, prompt, created_at, updated_at) VALUES "
+INSERT_JOBS_ROW = "(?, ?, ?, ?, ?, ?)"
+INSERT_EVENTS = "INSERT INTO events (job_id, name, job, created_at) VALUES "
+INSERT_EVENTS_ROW = "(?, ?, ?, ?)"
+
+# Replay pages: events after an id, in commit order.
+EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
+JOB_EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+LATEST_JOB_EVENT = f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = ? ORDER BY seq DESC LIMIT 1"
+
+# What a resuming client can be given: ids above `pruned` and up to `latest`.
+EVENT_HORIZON = """
+SELECT (SELECT coalesce(max(seq), 0) FROM events) AS latest,
+       coalesce((SELECT value FROM meta WHERE key = 'events_pruned_through'), 0) AS pruned
+"""
+
+# Keep the newest `retention` events; remember the highest id deleted, so resuming below it
+# is known to have missed events even once the table is empty.
+PRUNE_EVENTS = "DELETE FROM events WHERE seq <= ?"
+SET_PRUNED_THROUGH = """
+INSERT INTO meta (key, value) VALUES ('events_pruned_through', ?1)
+ON CONFLICT (key) DO UPDATE SET value = max(value, ?1)
+"""
+
+
+# --- connections and migrations --------------------------------------------------------------
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    # isolation_level=None: autocommit mode, so transactions are exactly the BEGINs we issue.
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    await conn.execute("PRAGMA synchronous = FULL")
+    await conn.execute("PRAGMA busy_timeout = 5000")
+    await conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def migrations() -> list[tuple[int, str]]:
+    """Every schema version with the script that makes it from the one before, in order."""
+    steps = [(1, SCHEMA_V1.read_text(encoding="utf-8"))]
+    for path in sorted(MIGRATIONS.glob("*.sql")):
+        steps.append((int(path.name.split("_", 1)[0]), path.read_text(encoding="utf-8")))
+    assert [version for version, _ in steps] == list(range(1, len(steps) + 1)), "migrations must be 1, 2, 3, ..."
+    return steps
+
+
+def _migrate(conn: sqlite3.Connection) -> int:
+    """Bring the database to the newest schema version, under SQLite's write lock.
+
+    PRAGMA user_version counts the versions applied. A database made by the first release
+    says 0 but has the version-1 tables (schema.sql is idempotent, so applying it is safe).
+    """
+    conn.execute("PRAGMA journal_mode = WAL")  # cannot change inside a transaction
+    steps = migrations()
+    conn.execute("BEGIN IMMEDIATE")  # a second process migrating waits here, then finds it done
+    try:
+        current = conn.execute("PRAGMA user_version").fetchone()[0]
+        if current > len(steps):
+            raise StartupError(
+                f"the database is at schema version {current}, newer than this release knows ({len(steps)}): "
+                "run the newer release, or restore a backup"
+            )
+        for version, script in steps[current:]:
+            for statement in _statements(script):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version}")
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    return len(steps)
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a migration script (executescript would commit our transaction)."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip() and not buffer.strip().upper().startswith("PRAGMA JOURNAL_MODE"):
+                statements.append(buffer)
+            buffer = ""
+    return statements
+
+
+async def _on_connection_thread(conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """Run `fn(sqlite3_connection)` on the aiosqlite connection's own thread, as one call.
+
+    aiosqlite's public methods each make one trip to its thread and back through the event
+    loop; a batch of writes made that way costs two trips per write, each waiting its turn on
+    a busy loop (measured: ~250 us per create, capping creates near 4,000/s). `_execute` is
+    the method those public methods use; aiosqlite is pinned, and every test exercises this.
+    """
+    return await conn._execute(lambda: fn(conn._conn))
+
+
+# --- the group-committing writer ------------------------------------------------------------
+
+
+class _Pending:
+    """A queued write and the future its caller awaits."""
+
+    __slots__ = ("op", "finish", "future")
+
+    def __init__(self, op: WriteOp, finish: Finish, future: asyncio.Future[Any]) -> None:
+        self.op = op
+        self.finish = finish
+        self.future = future
+
+
+def _no_events(result: Any) -> tuple[Any, Sequence[JobEvent]]:
+    return result, ()
+
+
+def _event_rows(rows: list[Any]) -> tuple[JobEvent | None, Sequence[JobEvent]]:
+    events = [_event(row) for row in rows]
+    return (events[0] if events else None), events
+
+
+def _event_list(rows: list[Any]) -> tuple[list[JobEvent], Sequence[JobEvent]]:
+    events = [_event(row) for row in rows]
+    return events, events
+
+
+def _event(row: Any) -> JobEvent:
+    return JobEvent(row["seq"], row["name"], row["job_id"], row["job"], row["job_seq"], row["status"])
+
+
+class SQLiteStore:
+    """The service's SQLite file: writes are group-committed, reads never wait on them."""
+
+    backend = "sqlite"
+    feed_is_synchronous = True
+
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, feed: Feed) -> None:
+        self._writer = writer
+        self._reader = reader
+        self._feed = feed
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, path: Path, feed: Feed) -> SQLiteStore:
+        """Open (creating if needed) the database at `path` and migrate it to the newest schema."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = await _connect(path)
+        try:
+            await _on_connection_thread(writer, _migrate)
+            reader = await _connect(path)
+        except BaseException:
+            await writer.close()
+            raise
+        store = cls(writer, reader, feed)
+        latest, _ = await store.horizon()
+        feed.last_seq = latest
+        store._task = asyncio.create_task(store._write_loop(), name="imagegen-db-writer")
+        return store
+
+    async def close(self) -> None:
+        """Finish every queued write, then close both connections."""
+        if self._task is not None:
+            await self._queue.join()
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self._reader.close()
+        await self._writer.close()
+
+    async def _write(self, op: WriteOp, finish: Finish = _no_events) -> Any:
+        """Run `op(connection)` in the next group commit; once committed, return its result
+        as `finish` makes it on the event loop (the feed gets the events `finish` names).
+
+        `op` runs on the writer's thread inside the batch's transaction: it must only run SQL
+        and stay short. The caller may be cancelled while waiting; the write still happens,
+        as a unit.
+        """
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(op, finish, future))
+        # A cancelled caller cancels only this future; the op stays queued and commits, and
+        # the writer skips resolving a future that is already done.
+        return await future
+
+    async def _fetch_one(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Row | None:
+        # execute_fetchall is one trip to the connection's thread; execute + fetch + close would be three.
+        rows = await self._reader.execute_fetchall(sql, params)
+        return rows[0] if rows else None
+
+    async def _fetch_all(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        return list(await self._reader.execute_fetchall(sql, params))
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            # Whatever queued up while the previous batch was committing goes in this one.
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            ops = [item.op for item in batch]
+            try:
+                outcomes = await _on_connection_thread(self._writer, lambda conn: _commit(conn, ops))
+            except Exception as exc:
+                # Only a broken connection gets here: fail the callers, keep the writer alive.
+                log.exception("write batch failed")
+                outcomes = [(False, exc)] * len(batch)
+            finished = [_finish(item, ok, raw) for item, (ok, raw) in zip(batch, outcomes, strict=True)]
+            # The feed hears of the batch after its commit and before any caller does, so
+            # anything kept from the feed is never older than what a caller was told.
+            self._feed.publish([event for ok, _, events in finished if ok for event in events])
+            for item, (ok, result, _) in zip(batch, finished, strict=True):
+                if not item.future.done():
+                    if ok:
+                        item.future.set_result(result)
+                    else:
+                        item.future.set_exception(result)
+                self._queue.task_done()
+
+    # --- admission and reads ---------------------------------------------------------------
+
+    async def create(
+        self, new: NewJob, idempotency: Idempotency | None, max_pending: int | None
+    ) -> JobEvent | KeyReused:
+        # max_pending is enforced by the dispatcher's in-memory count on SQLite (one process
+        # sees every commit), not here: counting in the writer would slow every create.
+        assert max_pending is None, "SQLite admission is counted in memory"
+        op: WriteOp = _NewJob(new)
+        if idempotency is not None:
+            new_job = op
+
+            def op(conn: sqlite3.Connection) -> Any:
+                used = conn.execute(IDEMPOTENCY_KEY, (idempotency.key,)).fetchone()
+                if used is not None:
+                    return KeyReused(used["job_id"], used["request_hash"] == idempotency.request_hash)
+                conn.execute(INSERT_IDEMPOTENCY_KEY, (idempotency.key, idempotency.request_hash, new.job_id, new.now))
+                return new_job(conn)
+
+        return await self._write(op, _created)
+
+    async def idempotency_key_job(self, key: str) -> str | None:
+        row = await self._fetch_one(IDEMPOTENCY_KEY, (key,))
+        return None if row is None else row["job_id"]
+
+    async def get(self, job_id: str) -> Job | None:
+        row = await self._fetch_one(SELECT_JOB, (job_id,))
+        return None if row is None else Job.from_row(row)
+
+    async def list(self, below_seq: int, limit: int, status: JobStatus | None) -> list[Job]:
+        if status is None:
+            rows = await self._fetch_all(LIST_JOBS, (below_seq, limit))
+        else:
+            rows = await self._fetch_all(LIST_JOBS_BY_STATUS, (status.value, below_seq, limit))
+        return [Job.from_row(row) for row in rows]
+
+    async def pending(self) -> tuple[list[PendingJob], int]:
+        def read(conn: sqlite3.Connection) -> tuple[list[Any], int]:
+            conn.execute("BEGIN")  # one snapshot for both reads
+            try:
+                return conn.execute(PENDING_JOBS).fetchall(), conn.execute(EVENT_HORIZON).fetchone()["latest"]
+            finally:
+                conn.execute("COMMIT")
+
+        rows, latest = await _on_connection_thread(self._reader, read)
+        return [PendingJob(row["id"], row["seq"], row["not_before"]) for row in rows], latest
+
+    # --- the workers' side -----------------------------------------------------------------
+
+    async def claim(self, job_id: str, owner: str, lease_s: float) -> JobEvent | None:
+        # One process owns the file, so no lease can lapse while it runs: the owner is kept
+        # only to say which process drew the job.
+        return await self._change("job.processing", job_id, CLAIM_JOB, (now_text(), job_id, owner))
+
+    async def add_image(self, job: Job, path: str, owner: str) -> JobEvent | None:
+        params = (path, now_text(), job.job_id, job.attempts, len(job.images))
+        return await self._change("job.progress", job.job_id, ADD_IMAGE, params)
+
+    async def complete(self, job: Job, owner: str) -> JobEvent | None:
+        return await self._change("job.completed", job.job_id, COMPLETE_JOB, (now_text(), job.job_id, job.attempts))
+
+    async def fail(self, job: Job, code: str, message: str, retryable: bool, owner: str) -> JobEvent | None:
+        params = (code, message, now_text(), job.job_id, job.attempts, int(retryable))
+        return await self._change("job.failed", job.job_id, FAIL_JOB, params)
+
+    async def retry(self, job: Job, code: str, message: str, not_before: str, owner: str) -> JobEvent | None:
+        params = (code, message, now_text(), job.job_id, not_before, job.attempts)
+        return await self._change("job.retrying", job.job_id, RETRY_JOB, params)
+
+    async def release(self, job: Job, owner: str) -> JobEvent | None:
+        return await self._change("job.requeued", job.job_id, RELEASE_JOB, (now_text(), job.job_id, job.attempts))
+
+    async def heartbeat(self, owner: str, lease_s: float) -> int:
+        return 0  # no leases: nobody else could take this process's jobs
+
+    async def recover(self, max_recoveries: int) -> list[JobEvent]:
+        def recover_all(conn: sqlite3.Connection) -> list[Any]:
+            now = now_text()
+            rows = []
+            for (job_id,) in conn.execute(FAIL_POISON_JOBS, (now, max_recoveries)).fetchall():
+                rows += conn.execute(INSERT_EVENT, ("job.failed", job_id)).fetchall()
+            for (job_id,) in conn.execute(RECOVER_JOBS, (now,)).fetchall():
+                rows += conn.execute(INSERT_EVENT, ("job.requeued", job_id)).fetchall()
+            return rows
+
+        return await self._write(recover_all, _event_list)
+
+    # --- control ---------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str) -> JobEvent | None:
+        return await self._change("job.canceled", job_id, CANCEL_JOB, (now_text(), job_id))
+
+    async def delete(self, job_id: str) -> JobEvent | JobStatus | None:
+        def op(conn: sqlite3.Connection) -> Any:
+            row = conn.execute(JOB_STATUS, (job_id,)).fetchone()
+            if row is None or JobStatus(row["status"]) not in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED):
+                return None if row is None else JobStatus(row["status"])
+            # The event carries the job as it was, so it is written before the row goes.
+            rows = conn.execute(INSERT_EVENT, ("job.deleted", job_id)).fetchall()
+            conn.execute(DELETE_JOB, (job_id,))
+            conn.execute(DELETE_JOB_KEYS, (job_id,))
+            return rows
+
+        return await self._write(op, lambda r: _event_rows(r) if isinstance(r, list) else (r, ()))
+
+    async def _change(self, name: str, job_id: str, sql: str, params: tuple[Any, ...]) -> JobEvent | None:
+        return await self._write(_event_op(name, job_id, sql, params), _event_rows)
+
+    # --- the event log ---------------------------------------------------------------------
+
+    async def events_after(self, seq: int, job_id: str | None, limit: int) -> list[JobEvent]:
+        if job_id is None:
+            rows = await self._fetch_all(EVENTS_AFTER, (seq, limit))
+        else:
+            rows = await self._fetch_all(JOB_EVENTS_AFTER, (job_id, seq, limit))
+        return [_event(row) for row in rows]
+
+    async def latest_event(self, job_id: str) -> JobEvent | None:
+        row = await self._fetch_one(LATEST_JOB_EVENT, (job_id,))
+        return None if row is None else _event(row)
+
+    async def horizon(self) -> tuple[int, int]:
+        row = await self._fetch_one(EVENT_HORIZON)
+        assert row is not None
+        return row["latest"], row["pruned"]
+
+    async def prune(self, keep_events: int, keys_before: str) -> int:
+        latest, _ = await self.horizon()
+        cutoff = latest - keep_events
+
+        def op(conn: sqlite3.Connection) -> int:
+            if cutoff > 0:
+                conn.execute(PRUNE_EVENTS, (cutoff,))
+                conn.execute(SET_PRUNED_THROUGH, (cutoff,))
+            conn.execute(PRUNE_IDEMPOTENCY_KEYS, (keys_before,))
+            return cutoff
+
+        return await self._write(op)
+
+
+def _finish(item: _Pending, ok: bool, raw: Any) -> tuple[bool, Any, Sequence[JobEvent]]:
+    if not ok:
+        return False, raw, ()
+    try:
+        result, events = item.finish(raw)
+        return True, result, events
+    except Exception as exc:  # committed, but its result could not be read: the caller hears of it
+        log.exception("reading a committed write's result failed")
+        return False, exc, ()
+
+
+def _run(conn: sqlite3.Connection, ops: list[WriteOp]) -> list[Any]:
+    """Run the ops in order. Consecutive ops that share a `run_together` function (say, creates)
+    run through it as one group: one statement for all of them instead of a few each, which
+    matters because every statement is a trip through the GIL the event loop is busy with."""
+    results: list[Any] = []
+    start = 0
+    while start < len(ops):
+        together = getattr(ops[start], "run_together", None)
+        end = start + 1
+        while together is not None and end < len(ops) and getattr(ops[end], "run_together", None) is together:
+            end += 1
+        results.extend(together(conn, ops[start:end]) if together else [ops[start](conn)])
+        start = end
+    return results
+
+
+def _commit(conn: sqlite3.Connection, ops: list[WriteOp]) -> list[tuple[bool, Any]]:
+    """On the writer thread: every op in one transaction and one commit (one fsync).
+
+    If any op fails, the batch is rolled back and each op is retried in a transaction of its
+    own, so only the faulty one fails. Returns (committed, result or exception) per op.
+    """
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        results = _run(conn, ops)
+        conn.commit()
+        return [(True, result) for result in results]
+    except Exception as exc:
+        if conn.in_transaction:
+            conn.rollback()
+        if len(ops) == 1:
+            return [(False, exc)]
+    return [_commit(conn, [op])[0] for op in ops]
+
+
+def _event_op(name: str, job_id: str, sql: str, params: tuple[Any, ...]) -> WriteOp:
+    """A write op: one conditional statement on job `job_id`, its row count checked, and if it
+    changed the row, the event `name` in the same transaction. Returns the raw event rows."""
+
+    def op(conn: sqlite3.Connection) -> list[Any]:
+        if conn.execute(sql, params).rowcount != 1:
+            return []  # the condition did not hold (e.g. the job moved on): nothing happened
+        return conn.execute(INSERT_EVENT, (name, job_id)).fetchall()
+
+    return op
+
+
+def _created(raw: Any) -> tuple[JobEvent | KeyReused, Sequence[JobEvent]]:
+    if isinstance(raw, KeyReused):
+        return raw, ()
+    event = JobEvent(raw[0], "job.created", raw[1], raw[2], raw[3], "pending")
+    return event, (event,)
+
+
+def _insert_jobs(conn: sqlite3.Connection, new_jobs: list[_NewJob]) -> list[tuple[int, str, str, int]]:
+    """Insert many jobs and their job.created events, one statement each; each job's event
+    as (seq, job id, snapshot, job seq).
+
+    This is the hot path of POST /generations, and the writer thread must win the GIL back from
+    the busy event loop for every statement and every row it reads: so no RETURNING. The rows
+    one INSERT makes get consecutive seqs, ending at lastrowid, and everything else in an event
+    is known before the insert.
+    """
+    count = len(new_jobs)
+    first_job = _last_rowid(conn.execute(
+        INSERT_JOBS + ", ".join([INSERT_JOBS_ROW] * count),
+        [value for new_job in new_jobs for value in new_job.params],
+    )) - count + 1
+    snapshots = [f'{{"seq":{first_job + i},{new_job.snapshot_tail}' for i, new_job in enumerate(new_jobs)]
+    first_event = _last_rowid(conn.execute(
+        INSERT_EVENTS + ", ".join([INSERT_EVENTS_ROW] * count),
+        [
+            value
+            for new_job, snapshot in zip(new_jobs, snapshots, strict=True)
+            for value in (new_job.params[0], "job.created", snapshot, new_job.params[4])
+        ],
+    )) - count + 1
+    return [
+        (first_event + i, new_job.params[0], snapshots[i], first_job + i) for i, new_job in enumerate(new_jobs)
+    ]
+
+
+def _last_rowid(cursor: sqlite3.Cursor) -> int:
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid
+
+
+def created_snapshot_tail(new: NewJob) -> str:
+    """A new job's snapshot after its seq, as _SNAPSHOT writes it (keys and order).
+
+    Written out rather than json.dumps of a dict: this runs for every create, and only the
+    free-text values need encoding (the id is a UUID, now a timestamp, num_images an int).
+    """
+    return (
+        f'"id":"{new.job_id}","status":"pending","num_images":{int(new.num_images)},'
+        f'"animal":{json.dumps(new.animal)},"prompt":{json.dumps(new.prompt)},"images":"[]","attempts":0,'
+        f'"error_code":null,"error_message":null,"error_retryable":null,'
+        f'"created_at":"{new.now}","updated_at":"{new.now}","started_at":null,"completed_at":null,'
+        f'"not_before":null}}'
+    )
+
+
+class _NewJob:
+    """The write op of a create; a group commit's many run as one (run_together)."""
+
+    __slots__ = ("params", "snapshot_tail")
+    run_together = staticmethod(_insert_jobs)
+
+    def __init__(self, new: NewJob) -> None:
+        # INSERT_JOBS_ROW's values: id, num_images, animal, prompt, created_at, updated_at
+        self.params = (new.job_id, new.num_images, new.animal, new.prompt, new.now, new.now)
+        self.snapshot_tail = created_snapshot_tail(new)
+
+    def __call__(self, conn: sqlite3.Connection) -> tuple[int, str, str, int]:
+        return _insert_jobs(conn, [self])[0]
