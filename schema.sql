@@ -1,4 +1,8 @@
--- imagegen schema. Applied at every start-up; every statement is idempotent.
+-- imagegen's SQLite schema, version 1: what the first release shipped. Later versions are the
+-- migrations in imagegen/store/migrations/sqlite/, applied in order at start-up under SQLite's
+-- write lock (PRAGMA user_version counts them); PostgreSQL's schema is in
+-- imagegen/store/migrations/postgres/. The first release applied this file at every start-up,
+-- so every statement is idempotent.
 --
 -- Job status transitions (enforced by the trigger jobs_status_transition below):
 --

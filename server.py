@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from imagegen.app import ROLES, Role, create_app
+from imagegen.app import ROLES, create_app
 from imagegen.config import ConfigError, Settings, load_settings
 from imagegen.errors import StartupError
 

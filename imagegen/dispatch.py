@@ -22,7 +22,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
@@ -30,6 +30,9 @@ from .config import SETTINGS, Settings
 from .feed import FEED, Feed
 from .models import Job
 from .store import STORE, JobEvent, JobStore, PendingJob
+
+if TYPE_CHECKING:
+    from .store.postgres import PostgresStore
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +196,7 @@ class DatabaseDispatcher:
 
     counts_in_database = True
 
-    def __init__(self, store: JobStore, feed: Feed, settings: Settings) -> None:
+    def __init__(self, store: PostgresStore, feed: Feed, settings: Settings) -> None:
         self._store = store
         self._feed = feed
         self.index = QueueIndex()
@@ -220,11 +223,10 @@ class DatabaseDispatcher:
                 timer.cancel()
 
     async def next_job(self, owner: str, lease_s: float) -> Job:
-        claim_next = getattr(self._store, "claim_next")
         while True:
             # Cleared before asking, so a commit that lands while we ask wakes us again.
             self._wake.clear()
-            claimed = await claim_next(owner, lease_s)
+            claimed = await self._store.claim_next(owner, lease_s)
             if claimed is not None:
                 return claimed.job
             with suppress(TimeoutError):
@@ -248,8 +250,11 @@ DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 async def dispatcher_context(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: the dispatcher follows the feed while the app runs."""
     store = app[STORE]
-    kind = DatabaseDispatcher if store.backend == "postgres" else LocalDispatcher
-    dispatcher = kind(store, app[FEED], app[SETTINGS])
+    dispatcher: Dispatcher
+    if store.backend == "postgres":
+        dispatcher = DatabaseDispatcher(store, app[FEED], app[SETTINGS])  # type: ignore[arg-type]
+    else:
+        dispatcher = LocalDispatcher(store, app[FEED], app[SETTINGS])
     await dispatcher.start()
     app[DISPATCHER] = dispatcher
     yield

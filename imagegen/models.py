@@ -84,7 +84,10 @@ class CreateJob(_CamelModel):
         default=None,
         min_length=1,
         max_length=PROMPT_MAX_LENGTH,
-        description="Optional free text added to the provider's prompt for this animal.",
+        # No NUL: PostgreSQL's text cannot hold it, and no image prompt needs it. Refused on
+        # both backends alike, so a request means the same wherever it is stored.
+        pattern=r"^[^\x00]*$",
+        description="Optional free text added to the provider's prompt for this animal (no NUL characters).",
     )
 
     @classmethod

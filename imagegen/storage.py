@@ -1,4 +1,4 @@
-"""Image files on disk, under `<data_dir>/images/<jobId>/<index>.png`."""
+"""Image files on disk, under `<data_dir>/images/<jobId>/<index>.<attempt>.png`: one directory every node mounts."""
 
 from __future__ import annotations
 
@@ -16,9 +16,15 @@ class ImageStore:
     def __init__(self, data_dir: Path) -> None:
         self._data_dir = data_dir
 
-    async def save(self, job_id: str, index: int, data: bytes) -> str:
-        """Store one image durably; return its path relative to data_dir."""
-        relative = f"images/{job_id}/{index}.png"
+    async def save(self, job_id: str, index: int, attempt: int, data: bytes) -> str:
+        """Store one image durably; return its path relative to data_dir.
+
+        Each attempt writes files of its own: a stale attempt (its node paused past its lease
+        while another node drew the job again) must not overwrite the file that the winning
+        attempt recorded, which clients cache as immutable. The database says which file is
+        the job's; the others go with the job's directory.
+        """
+        relative = f"images/{job_id}/{index}.{attempt}.png"
         await asyncio.to_thread(_write_atomically, self._data_dir / relative, data)
         return relative
 

@@ -107,7 +107,7 @@ class WorkerPool:
             await asyncio.sleep(self._lease_s / 3)
             if self._drawing:
                 try:
-                    await self._store.heartbeat(self.owner, self._lease_s)
+                    await self._store.heartbeat(list(self._drawing), self.owner, self._lease_s)
                 except Exception:
                     log.exception("heartbeat failed; the jobs drawn here are rescued elsewhere if it keeps failing")
 
@@ -129,8 +129,14 @@ class WorkerPool:
         if self._busy:
             await asyncio.wait(set(self._busy), timeout=grace_s)
         for task in self._tasks:
-            task.cancel()  # a worker still busy is interrupted; it returns its job to pending
+            task.cancel()  # a worker still busy is interrupted
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Everything this node still holds goes back to pending at once, for another node or
+        # the next start: the jobs interrupted above, and one a worker had just claimed when
+        # it was cancelled (a claim commits though its caller is cancelled).
+        released = await self._store.release_all(self.owner)
+        if released:
+            log.info("handed back %d unfinished jobs", len(released))
         self._heartbeat.cancel()
         await asyncio.gather(self._heartbeat, return_exceptions=True)
 
@@ -168,11 +174,10 @@ class WorkerPool:
             await self._store.fail(job, "internal_error", "The server failed to record this job's outcome.", False, self.owner)
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                # This worker is being stopped and ran out of grace: hand the job back at once,
-                # for another node or the next start. The store commits though we are cancelled.
+                # This worker is being stopped and ran out of grace: the pool hands the job back
+                # once every worker has stopped (_stop).
                 drawing.cancel()
                 await asyncio.gather(drawing, return_exceptions=True)
-                await asyncio.shield(self._store.release(job, self.owner))
                 raise
             # Only the drawing was cancelled: the job was canceled, and that is committed.
         finally:
@@ -193,7 +198,7 @@ class WorkerPool:
                     )
                     drawn = await self._generate(request)
                 data = drawn.pop(0)
-                path = await self._images.save(job.job_id, index, data)
+                path = await self._images.save(job.job_id, index, job.attempts, data)
                 event = await self._store.add_image(current, path, self.owner)
                 if event is None:
                     return  # canceled, or a newer attempt owns the job: drop this one's result

@@ -1,10 +1,18 @@
-"""Shared fixtures: the real app on a real SQLite file under tmp_path, served over a real socket."""
+"""Shared fixtures: the real app on a real database (a SQLite file under tmp_path, or a fresh
+database on the suite's own PostgreSQL server), served over a real socket.
+
+Tests that take `client` or `make_client` run once per backend: the `backend` fixture is
+parametrised. A module that is about one backend only overrides `backend` with a plain fixture.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import re
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +22,73 @@ from aiohttp.test_utils import TestClient
 from imagegen.app import create_app
 from imagegen.config import Settings, load_settings
 
+from . import pgserver
+
 ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = ("sqlite", "postgres")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[pgserver.PostgresServer]:
+    """The suite's PostgreSQL server, started on first use (or IMAGEGEN_TEST_DATABASE_URL's)."""
+    with pgserver.test_server() as server:
+        yield server
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+_database_numbers = itertools.count(1)
+
+
+class TestDatabase:
+    """The database a test's app uses, and a second, plain connection to read what it committed."""
+
+    __test__ = False  # not a test class, despite its name
+
+    def __init__(self, backend: str, data_dir: Path, url: str = "") -> None:
+        self.backend = backend
+        self.data_dir = data_dir
+        self.url = url
+
+    @property
+    def storage(self) -> dict[str, Any]:
+        """The [storage] settings that point an app at this database."""
+        if self.backend == "sqlite":
+            return {"backend": "sqlite", "data_dir": str(self.data_dir)}
+        return {"backend": "postgres", "data_dir": str(self.data_dir), "database_url": self.url}
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The same, as IMAGEGEN_STORAGE__* variables for a server.py process."""
+        return {f"IMAGEGEN_STORAGE__{key.upper()}": str(value) for key, value in self.storage.items()}
+
+    def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Run `sql` (with ? placeholders) on a plain connection of its own; rows as dicts."""
+        if self.backend == "sqlite":
+            return [dict(row) for row in db_rows(self.data_dir, sql, params)]
+        import psycopg
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(self.url, autocommit=True, row_factory=dict_row) as conn:
+            return conn.execute(re.sub(r"\?", "%s", sql), params).fetchall()
+
+
+@pytest.fixture
+def database(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[TestDatabase]:
+    """This test's database, on its backend: empty, and dropped afterwards."""
+    if backend == "sqlite":
+        yield TestDatabase("sqlite", tmp_path / "data")
+        return
+    server: pgserver.PostgresServer = request.getfixturevalue("pg_server")
+    name = f"imagegen_test_{os.getpid()}_{next(_database_numbers)}"
+    url = server.create_database(name)
+    try:
+        yield TestDatabase("postgres", tmp_path / "data", url)
+    finally:
+        server.drop_database(name)
 
 
 def make_settings(data_dir: Path, **sections: dict[str, Any]) -> Settings:
@@ -48,15 +122,17 @@ ClientFactory = Callable[..., Awaitable[TestClient]]
 
 
 @pytest.fixture
-def make_client(aiohttp_client: Any, tmp_path: Path) -> ClientFactory:
-    """Start the real app (small images and no shutdown grace by default, for speed) and
-    return a client for it."""
+def make_client(database: TestDatabase, aiohttp_client: Any) -> ClientFactory:
+    """Start the real app on the test's database (set up first, so it is dropped last; small images and no shutdown grace by
+    default, for speed) and return a client for it."""
 
     async def factory(data_dir: Path | None = None, **sections: dict[str, Any]) -> TestClient:
         sections.setdefault("provider", {}).setdefault("image_size", 64)
         # Tests that stop an app mid-job should not sit out the production grace period.
         sections.setdefault("workers", {}).setdefault("shutdown_grace_s", 0)
-        settings = make_settings(data_dir or tmp_path / "data", **sections)
+        storage = {**database.storage, **({"data_dir": str(data_dir)} if data_dir else {})}
+        sections["storage"] = {**storage, **sections.get("storage", {})}
+        settings = make_settings(Path(sections["storage"]["data_dir"]), **sections)
         return await aiohttp_client(create_app(settings))
 
     return factory
@@ -88,6 +164,18 @@ async def create_job(client: TestClient, **body: Any) -> str:
     response = await client.post("/generations", json={"numImages": 1, **body})
     assert response.status == 202, await response.text()
     return (await response.json())["jobId"]
+
+
+@pytest.fixture
+def cluster(database: TestDatabase) -> Iterator[Any]:
+    """Server processes on the test's database (tests/nodes.py), stopped afterwards."""
+    from .nodes import Cluster
+
+    nodes = Cluster(database)
+    try:
+        yield nodes
+    finally:
+        nodes.close()
 
 
 async def prune(client: TestClient, keys_older_than_s: float | None = None) -> int:

@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient
 
-from imagegen.jobs import JOBS
 
-from .conftest import create_job, db_rows, prune, wait_for_status
-
-
-def count_jobs(tmp_path: Path) -> int:
-    return db_rows(tmp_path / "data", "SELECT count(*) AS n FROM jobs")[0]["n"]
+from .conftest import TestDatabase, create_job, prune, wait_for_status
 
 
-async def test_the_same_key_and_body_return_the_same_job(client: TestClient, tmp_path: Path) -> None:
+def count_jobs(database: TestDatabase) -> int:
+    return database.rows("SELECT count(*) AS n FROM jobs")[0]["n"]
+
+
+async def test_the_same_key_and_body_return_the_same_job(client: TestClient, database: TestDatabase) -> None:
     headers = {"Idempotency-Key": "order-42"}
     first = await client.post("/generations", json={"numImages": 2, "animal": "fox"}, headers=headers)
     again = await client.post("/generations", json={"numImages": 2, "animal": "fox"}, headers=headers)
@@ -27,47 +24,46 @@ async def test_the_same_key_and_body_return_the_same_job(client: TestClient, tmp
     assert (await first.json())["jobId"] == (await again.json())["jobId"]
     assert again.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first.headers
     assert first.headers["Location"] == again.headers["Location"]
-    assert count_jobs(tmp_path) == 1
+    assert count_jobs(database) == 1
 
 
-async def test_the_same_key_with_another_body_is_422(client: TestClient, tmp_path: Path) -> None:
+async def test_the_same_key_with_another_body_is_422(client: TestClient, database: TestDatabase) -> None:
     headers = {"Idempotency-Key": "order-43"}
     assert (await client.post("/generations", json={"numImages": 2}, headers=headers)).status == 202
     other = await client.post("/generations", json={"numImages": 3}, headers=headers)
     assert other.status == 422 and other.content_type == "application/problem+json"
     assert (await other.json())["invalidParams"][0]["name"] == "Idempotency-Key"
-    assert count_jobs(tmp_path) == 1
+    assert count_jobs(database) == 1
 
 
-async def test_concurrent_requests_with_one_key_create_exactly_one_job(client: TestClient, tmp_path: Path) -> None:
+async def test_concurrent_requests_with_one_key_create_exactly_one_job(client: TestClient, database: TestDatabase) -> None:
     headers = {"Idempotency-Key": "burst"}
     responses = await asyncio.gather(
         *(client.post("/generations", json={"numImages": 1}, headers=headers) for _ in range(25))
     )
     ids = {(await r.json())["jobId"] for r in responses}
     assert [r.status for r in responses] == [202] * 25 and len(ids) == 1
-    assert count_jobs(tmp_path) == 1
+    assert count_jobs(database) == 1
 
 
 @pytest.mark.parametrize("key", ["", "a" * 256, "has space", "naïve"])
-async def test_a_malformed_key_is_422(client: TestClient, tmp_path: Path, key: str) -> None:
+async def test_a_malformed_key_is_422(client: TestClient, database: TestDatabase, key: str) -> None:
     response = await client.post("/generations", json={"numImages": 1}, headers={"Idempotency-Key": key})
     assert response.status == 422
-    assert count_jobs(tmp_path) == 0
+    assert count_jobs(database) == 0
 
 
-async def test_keys_are_kept_a_day_then_pruned(client: TestClient, tmp_path: Path) -> None:
+async def test_keys_are_kept_a_day_then_pruned(client: TestClient, database: TestDatabase) -> None:
     await client.post("/generations", json={"numImages": 1}, headers={"Idempotency-Key": "k"})
-    day = 86_400
-    # As a pass 23h59m from now would: the key is younger than a day then.
-    await prune(client, keys_older_than_s=day - (day - 60))
-    assert len(db_rows(tmp_path / "data", "SELECT key FROM idempotency_keys")) == 1
-    # As a pass 24h01m from now would.
-    await prune(client, keys_older_than_s=day - (day + 60))
-    assert db_rows(tmp_path / "data", "SELECT key FROM idempotency_keys") == []
+    # A pass 23h59m from now prunes keys older than a day then, i.e. older than 60 s now: it keeps this one.
+    await prune(client, keys_older_than_s=60)
+    assert len(database.rows("SELECT key FROM idempotency_keys")) == 1
+    # A pass 24h01m from now prunes keys made before 60 s from now: this one goes.
+    await prune(client, keys_older_than_s=-60)
+    assert database.rows("SELECT key FROM idempotency_keys") == []
 
 
-async def test_a_full_queue_answers_429_and_writes_nothing(make_client, tmp_path: Path) -> None:
+async def test_a_full_queue_answers_429_and_writes_nothing(make_client, database: TestDatabase) -> None:
     client = await make_client(workers={"count": 1, "max_pending": 3}, provider={"delay_s": 30})
     running = await create_job(client)
     await wait_for_status(client, running, {"processing"})
@@ -77,17 +73,17 @@ async def test_a_full_queue_answers_429_and_writes_nothing(make_client, tmp_path
     assert refused.status == 429 and refused.content_type == "application/problem+json"
     assert int(refused.headers["Retry-After"]) > 0
     assert "waiting" in (await refused.json())["detail"]
-    assert count_jobs(tmp_path) == 4
+    assert count_jobs(database) == 4
     # Concurrent submissions cannot squeeze past the limit together either.
     burst = await asyncio.gather(*(client.post("/generations", json={"numImages": 1}) for _ in range(10)))
-    assert {r.status for r in burst} == {429} and count_jobs(tmp_path) == 4
+    assert {r.status for r in burst} == {429} and count_jobs(database) == 4
 
 
-async def test_bodies_over_the_limit_are_413(client: TestClient, tmp_path: Path) -> None:
+async def test_bodies_over_the_limit_are_413(client: TestClient, database: TestDatabase) -> None:
     body = b'{"numImages": 1, "prompt": "' + b"x" * 20_000 + b'"}'
     response = await client.post("/generations", data=body, headers={"Content-Type": "application/json"})
     assert response.status == 413 and response.content_type == "application/problem+json"
-    assert count_jobs(tmp_path) == 0
+    assert count_jobs(database) == 0
 
 
 async def test_prefer_wait_answers_201_with_the_finished_job(client: TestClient) -> None:

@@ -16,6 +16,12 @@ from imagegen.providers import ImageRequest, ProviderError
 from .conftest import create_job, db_rows, wait_for_status
 from .fakes import FakeAutomatic1111, Scripted, assert_png, open_provider, provider_failure
 
+
+@pytest.fixture
+def backend() -> str:
+    """The automatic1111 provider, alone and through the app: the job store is incidental here."""
+    return "sqlite"
+
 PASSWORD_ENV = "FAKE_WEBUI_PASSWORD"
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from aiohttp.test_utils import TestClient
 
-from .conftest import db_rows
+from .conftest import TestDatabase
 
 
-async def test_create_answers_202_and_commits_before_answering(client: TestClient, tmp_path: Path) -> None:
+async def test_create_answers_202_and_commits_before_answering(client: TestClient, database: TestDatabase) -> None:
     response = await client.post("/generations", json={"numImages": 3, "animal": "owl"})
     assert response.status == 202
     body = await response.json()
@@ -18,10 +16,10 @@ async def test_create_answers_202_and_commits_before_answering(client: TestClien
     assert body["status"] == "pending"
     assert response.headers["Location"].endswith(f"/generations/{body['jobId']}")
     assert response.headers["Location"].startswith("http://127.0.0.1:")
-    # The row is on disk, as seen by a second connection, by the time the 202 arrives.
-    (row,) = db_rows(tmp_path / "data", "SELECT * FROM jobs WHERE id = ?", (body["jobId"],))
+    # The row is committed, as seen by a second connection, by the time the 202 arrives.
+    (row,) = database.rows("SELECT * FROM jobs WHERE id = ?", (body["jobId"],))
     assert (row["num_images"], row["animal"]) == (3, "owl")
-    (event,) = db_rows(tmp_path / "data", "SELECT name FROM events WHERE job_id = ? AND name = 'job.created'", (body["jobId"],))
+    (event,) = database.rows("SELECT name FROM events WHERE job_id = ? AND name = 'job.created'", (body["jobId"],))
     assert event["name"] == "job.created"
 
 
@@ -63,10 +61,11 @@ async def test_animal_defaults_to_a_configured_one(make_client) -> None:
         ('{"numImages": 1, "prompt": ""}', 422, "prompt"),
         ('{"numImages": 1, "prompt": 5}', 422, "prompt"),
         ('{"numImages": 1, "prompt": "' + "x" * 501 + '"}', 422, "prompt"),
+        ('{"numImages": 1, "prompt": "an owl\\u0000"}', 422, "prompt"),  # PostgreSQL's text holds no NUL
     ],
 )
 async def test_bad_bodies_get_a_problem_and_write_nothing(
-    client: TestClient, tmp_path: Path, body: str, status: int, field: str | None
+    client: TestClient, database: TestDatabase, body: str, status: int, field: str | None
 ) -> None:
     response = await client.post("/generations", data=body, headers={"Content-Type": "application/json"})
     assert response.status == status
@@ -77,25 +76,25 @@ async def test_bad_bodies_get_a_problem_and_write_nothing(
     if field is not None:
         assert field in [param["name"] for param in problem["invalidParams"]]
         assert field in problem["detail"]
-    assert db_rows(tmp_path / "data", "SELECT count(*) AS n FROM jobs")[0]["n"] == 0
+    assert database.rows("SELECT count(*) AS n FROM jobs")[0]["n"] == 0
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
-async def test_wrong_content_type_is_415(client: TestClient, tmp_path: Path, content_type: str | None) -> None:
+async def test_wrong_content_type_is_415(client: TestClient, database: TestDatabase, content_type: str | None) -> None:
     headers = {"Content-Type": content_type} if content_type else {}
     response = await client.post("/generations", data=b'{"numImages": 1}', headers=headers)
     assert response.status == 415
     assert response.content_type == "application/problem+json"
     assert "application/json" in (await response.json())["detail"]
-    assert db_rows(tmp_path / "data", "SELECT count(*) AS n FROM jobs")[0]["n"] == 0
+    assert database.rows("SELECT count(*) AS n FROM jobs")[0]["n"] == 0
 
 
-async def test_body_over_the_size_limit_is_413(client: TestClient, tmp_path: Path) -> None:
+async def test_body_over_the_size_limit_is_413(client: TestClient, database: TestDatabase) -> None:
     body = b'{"numImages": 1, "animal": "' + b"x" * 100_000 + b'"}'
     response = await client.post("/generations", data=body, headers={"Content-Type": "application/json"})
     assert response.status == 413
     assert response.content_type == "application/problem+json"
-    assert db_rows(tmp_path / "data", "SELECT count(*) AS n FROM jobs")[0]["n"] == 0
+    assert database.rows("SELECT count(*) AS n FROM jobs")[0]["n"] == 0
 
 
 async def test_wrong_method_is_405_with_allow(client: TestClient) -> None:

@@ -19,6 +19,12 @@ from imagegen.store.sqlite import SQLiteStore
 from .conftest import db_rows
 
 
+@pytest.fixture
+def backend() -> str:
+    """The SQLite store itself (its writer, migrations, WAL, its snapshot SQL): SQLite only."""
+    return "sqlite"
+
+
 def new_job(num_images: int = 1, animal: str = "cat") -> NewJob:
     return NewJob(uuid7(), num_images, animal, None, now_text())
 

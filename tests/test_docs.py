@@ -10,6 +10,12 @@ from aiohttp.test_utils import TestClient
 from .browser import HOST, Browser
 
 
+@pytest.fixture
+def backend() -> str:
+    """The documentation pages do not touch the job store: one backend is enough."""
+    return "sqlite"
+
+
 async def _operation_ids(client: TestClient) -> set[str]:
     document = await (await client.get("/openapi.json")).json()
     return {operation["operationId"] for item in document["paths"].values() for operation in item.values()}

@@ -6,13 +6,12 @@ import asyncio
 import signal
 import socket
 import time
-from pathlib import Path
 
 import aiohttp
 
 from imagegen.events import BROADCASTER, Broadcaster
 
-from .conftest import create_job
+from .conftest import TestDatabase, create_job
 from .serverproc import ServerProcess
 from .sse import SSEReader
 
@@ -84,8 +83,8 @@ async def test_a_stalled_client_is_disconnected_while_the_others_get_everything(
     assert broadcaster.subscriber_count == 1
 
 
-async def test_shutdown_with_many_open_streams_is_prompt(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path / "data", {"IMAGEGEN_WORKERS__SHUTDOWN_GRACE_S": "10"})
+async def test_shutdown_with_many_open_streams_is_prompt(database: TestDatabase) -> None:
+    server = ServerProcess(database.data_dir, {**database.env, "IMAGEGEN_WORKERS__SHUTDOWN_GRACE_S": "10"})
     server.start()
     streams = 500
     try:

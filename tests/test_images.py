@@ -39,6 +39,7 @@ async def test_etag_revalidation_answers_304(client: TestClient) -> None:
     assert again.status == 304
 
 
+@pytest.mark.parametrize("backend", ["sqlite"])  # the provider alone: no database involved
 async def test_same_job_and_index_draw_the_same_picture(tmp_path, make_client) -> None:
     # Determinism: a job recovered after a crash redraws exactly what it would have drawn.
     from imagegen.providers import ImageRequest, ProviderSettings

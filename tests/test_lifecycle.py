@@ -3,33 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from pathlib import Path
 
 from aiohttp.test_utils import TestClient
 
 from imagegen.feed import Feed
 from imagegen.jobs import timestamp_in, uuid7
 from imagegen.models import now_text
-from imagegen.store import NewJob
-from imagegen.store.sqlite import SQLiteStore
+from imagegen.store import NewJob, open_store
 from imagegen.workers import backoff_s
 
-from .conftest import create_job, db_rows, wait_for_status
+from .conftest import TestDatabase, create_job, make_settings, wait_for_status
 
 TERMINAL = {"completed", "failed", "canceled"}
 
 
-def terminal_events(data: Path, job_id: str) -> list[str]:
-    rows = db_rows(
-        data,
+def terminal_events(database: TestDatabase, job_id: str) -> list[str]:
+    rows = database.rows(
         "SELECT name FROM events WHERE job_id = ? AND name IN ('job.completed', 'job.failed', 'job.canceled')",
         (job_id,),
     )
     return [row["name"] for row in rows]
 
 
-async def test_a_pending_job_is_canceled_at_once_and_never_drawn(make_client, tmp_path: Path) -> None:
+async def test_a_pending_job_is_canceled_at_once_and_never_drawn(make_client, database: TestDatabase) -> None:
     client = await make_client(workers={"count": 1}, provider={"delay_s": 30})
     busy = await create_job(client)
     await wait_for_status(client, busy, {"processing"})
@@ -38,10 +36,10 @@ async def test_a_pending_job_is_canceled_at_once_and_never_drawn(make_client, tm
     assert response.status == 200
     job = await response.json()
     assert job["status"] == "canceled" and job["attempts"] == 0 and job["completedAt"]
-    assert terminal_events(tmp_path / "data", waiting) == ["job.canceled"]
+    assert terminal_events(database, waiting) == ["job.canceled"]
 
 
-async def test_a_processing_job_is_interrupted_within_a_second(make_client, tmp_path: Path) -> None:
+async def test_a_processing_job_is_interrupted_within_a_second(make_client, database: TestDatabase) -> None:
     client = await make_client(workers={"count": 1}, provider={"delay_s": 30})
     job_id = await create_job(client, numImages=3)
     await wait_for_status(client, job_id, {"processing"})
@@ -54,7 +52,7 @@ async def test_a_processing_job_is_interrupted_within_a_second(make_client, tmp_
     assert time.monotonic() - started < 1.0
     job = await (await client.get(f"/generations/{job_id}")).json()
     assert job["status"] == "canceled" and job["imageUrls"] == []
-    assert terminal_events(tmp_path / "data", job_id) == ["job.canceled"]
+    assert terminal_events(database, job_id) == ["job.canceled"]
 
 
 async def test_cancel_errors(client: TestClient) -> None:
@@ -69,7 +67,7 @@ async def test_cancel_errors(client: TestClient) -> None:
     assert malformed.status == 422
 
 
-async def test_cancel_racing_completion_ends_in_exactly_one_terminal_state(make_client, tmp_path: Path) -> None:
+async def test_cancel_racing_completion_ends_in_exactly_one_terminal_state(make_client, database: TestDatabase) -> None:
     client = await make_client(workers={"count": 4}, provider={"delay_s": 0.01})
     ids = [await create_job(client, numImages=2) for _ in range(40)]
 
@@ -80,27 +78,27 @@ async def test_cancel_racing_completion_ends_in_exactly_one_terminal_state(make_
     answers = await asyncio.gather(*(cancel_soon(i, job_id) for i, job_id in enumerate(ids)))
     for job_id, answer in zip(ids, answers, strict=True):
         job = await wait_for_status(client, job_id, TERMINAL)
-        assert terminal_events(tmp_path / "data", job_id) == [f"job.{job['status']}"]
+        assert terminal_events(database, job_id) == [f"job.{job['status']}"]
         # 200: the cancel won; 409: the job had already completed.
         assert (answer, job["status"]) in {(200, "canceled"), (409, "completed")}, (answer, job["status"])
     assert {200, 409} & set(answers)
 
 
-async def test_delete_removes_a_finished_job_and_its_images(client: TestClient, tmp_path: Path) -> None:
+async def test_delete_removes_a_finished_job_and_its_images(client: TestClient, database: TestDatabase) -> None:
     job_id = await create_job(client, numImages=2)
     await wait_for_status(client, job_id, {"completed"})
-    image_dir = tmp_path / "data" / "images" / job_id
+    image_dir = database.data_dir / "images" / job_id
     assert len(list(image_dir.iterdir())) == 2
     response = await client.delete(f"/generations/{job_id}")
     assert response.status == 204
     assert (await client.get(f"/generations/{job_id}")).status == 404
     assert (await client.get(f"/images/{job_id}/0.png")).status == 404
     assert not image_dir.exists()
-    assert db_rows(tmp_path / "data", "SELECT count(*) AS n FROM jobs")[0]["n"] == 0
+    assert database.rows("SELECT count(*) AS n FROM jobs")[0]["n"] == 0
     assert (await client.delete(f"/generations/{job_id}")).status == 404
 
 
-async def test_delete_refuses_a_job_that_can_still_change(make_client, tmp_path: Path) -> None:
+async def test_delete_refuses_a_job_that_can_still_change(make_client, database: TestDatabase) -> None:
     client = await make_client(workers={"count": 1}, provider={"delay_s": 30})
     running = await create_job(client)
     await wait_for_status(client, running, {"processing"})
@@ -108,7 +106,7 @@ async def test_delete_refuses_a_job_that_can_still_change(make_client, tmp_path:
     for job_id in (running, waiting):
         response = await client.delete(f"/generations/{job_id}")
         assert response.status == 409 and response.content_type == "application/problem+json"
-    assert db_rows(tmp_path / "data", "SELECT count(*) AS n FROM jobs")[0]["n"] == 2
+    assert database.rows("SELECT count(*) AS n FROM jobs")[0]["n"] == 2
 
 
 async def test_pending_jobs_report_their_queue_position(make_client) -> None:
@@ -124,21 +122,17 @@ async def test_pending_jobs_report_their_queue_position(make_client) -> None:
     assert [(j["jobId"], j["queuePosition"]) for j in listed["jobs"]] == [(waiting[2], 2), (waiting[1], 1)]
 
 
-async def test_retryable_failures_are_retried_until_they_succeed(make_client, tmp_path: Path) -> None:
+async def test_retryable_failures_are_retried_until_they_succeed(make_client, database: TestDatabase) -> None:
     client = await make_client(
         provider={"fail_attempts": 2}, jobs={"max_attempts": 3, "retry_base_s": 0.01, "retry_max_s": 0.05}
     )
     job_id = await create_job(client, numImages=2)
     job = await wait_for_status(client, job_id, TERMINAL)
     assert job["status"] == "completed" and job["attempts"] == 3 and job["error"] is None
-    names = [r["name"] for r in db_rows(tmp_path / "data", "SELECT name FROM events WHERE job_id = ?", (job_id,))]
+    names = [r["name"] for r in database.rows("SELECT name FROM events WHERE job_id = ?", (job_id,))]
     assert names.count("job.retrying") == 2 and names.count("job.processing") == 3
-    retrying = db_rows(
-        tmp_path / "data",
-        "SELECT json_extract(job, '$.error_code') AS code FROM events WHERE job_id = ? AND name = 'job.retrying'",
-        (job_id,),
-    )
-    assert [r["code"] for r in retrying] == ["simulated_failure"] * 2
+    retrying = database.rows("SELECT job FROM events WHERE job_id = ? AND name = 'job.retrying'", (job_id,))
+    assert [json.loads(r["job"])["error_code"] for r in retrying] == ["simulated_failure"] * 2
 
 
 async def test_retries_give_up_after_max_attempts(make_client) -> None:
@@ -174,13 +168,13 @@ def test_backoff_grows_exponentially_with_jitter_and_honours_retry_after() -> No
     assert backoff_s(1, 1.0, 60.0, retry_after=30.0) == 30.0
 
 
-async def test_a_stale_attempt_cannot_overwrite_a_newer_one(tmp_path: Path) -> None:
-    db = await SQLiteStore.open(tmp_path / "data" / "imagegen.sqlite3", Feed())
+async def test_a_stale_attempt_cannot_overwrite_a_newer_one(database: TestDatabase) -> None:
+    db = await open_store(make_settings(database.data_dir, storage=database.storage), Feed())
     try:
         job_id = (await db.create(NewJob(uuid7(), 2, "cat", None, now_text()), None, None)).job_id
         first = (await db.claim(job_id, "node-a", 30)).job
         assert first.attempts == 1
-        await db.release(first, "node-a")  # e.g. the first worker was thought dead
+        await db.release_all("node-a")  # e.g. the first worker was thought dead
         second = (await db.claim(job_id, "node-b", 30)).job
         assert second.attempts == 2
         # The first attempt's late results are all refused.
@@ -192,11 +186,11 @@ async def test_a_stale_attempt_cannot_overwrite_a_newer_one(tmp_path: Path) -> N
         assert current is not None and current.job.images == ("images/x/0.png",)
     finally:
         await db.close()
-    (row,) = db_rows(tmp_path / "data", "SELECT status, attempts, images, error_code FROM jobs")
+    (row,) = database.rows("SELECT status, attempts, images, error_code FROM jobs")
     assert (row["status"], row["attempts"], row["error_code"]) == ("processing", 2, None)
 
 
-async def test_a_deleted_jobs_idempotency_key_can_create_again(client: TestClient, tmp_path: Path) -> None:
+async def test_a_deleted_jobs_idempotency_key_can_create_again(client: TestClient, database: TestDatabase) -> None:
     headers = {"Idempotency-Key": "delete-me"}
     first = (await (await client.post("/generations", json={"numImages": 1}, headers=headers)).json())["jobId"]
     await wait_for_status(client, first, {"completed"})

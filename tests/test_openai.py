@@ -21,6 +21,12 @@ from imagegen.providers import ImageRequest, ProviderError
 from .conftest import ROOT, create_job, db_rows, wait_for_status
 from .fakes import FakeOpenAI, Scripted, assert_png, open_provider, openai_error, picture, provider_failure
 
+
+@pytest.fixture
+def backend() -> str:
+    """The openai provider, alone and through the app: the job store is incidental here."""
+    return "sqlite"
+
 KEY = "sk-test-SECRET-0123456789abcdef"
 KEY_ENV = "FAKE_OPENAI_API_KEY"  # not IMAGEGEN_*: those are settings
 

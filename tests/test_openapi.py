@@ -13,6 +13,12 @@ from pydantic import BaseModel, Field
 from imagegen.api.openapi import Reply, openapi_schema, operation
 
 
+@pytest.fixture
+def backend() -> str:
+    """The OpenAPI document does not depend on the job store: one backend is enough."""
+    return "sqlite"
+
+
 def undocumented_routes(app: web.Application, document: dict[str, Any]) -> list[str]:
     """Every route of `app` that the document lacks (a HEAD route too), and every documented
     operation that is no route: empty when the document describes exactly what is served."""

@@ -14,6 +14,12 @@ import pytest
 from .browser import HOST, Browser
 from .serverproc import ServerProcess
 
+
+@pytest.fixture
+def backend() -> str:
+    """The browser page talks only to the API, which the API tests check on both backends."""
+    return "sqlite"
+
 pytestmark = pytest.mark.browser
 
 # Every image of the card has been fetched and decoded by the browser.

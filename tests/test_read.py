@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient
 
 from imagegen.jobs import JOBS
 
-from .conftest import create_job, wait_for_status
+from .conftest import TestDatabase, create_job, wait_for_status
 
 ISO_MS_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -119,7 +119,7 @@ async def test_job_id_with_a_trailing_newline_is_422(client: TestClient) -> None
     assert response.status == 422
 
 
-async def test_a_host_header_per_request_does_not_grow_memory(client: TestClient) -> None:
+async def test_a_host_header_per_request_does_not_grow_memory(client: TestClient, database: TestDatabase) -> None:
     from imagegen.api.render import RENDERINGS_KEPT
 
     job_id = await create_job(client)
@@ -128,5 +128,10 @@ async def test_a_host_header_per_request_does_not_grow_memory(client: TestClient
         response = await client.get(f"/generations/{job_id}", headers={"Host": f"host-{n}.example"})
         assert (await response.json())["imageUrls"][0].startswith(f"http://host-{n}.example/")
     latest = client.app[JOBS].latest(job_id)  # the job's last committed event, kept for polling
-    assert latest is not None and latest.renderings is not None
-    assert len(latest.renderings) <= RENDERINGS_KEPT
+    if database.backend == "sqlite":
+        assert latest is not None and latest.renderings is not None
+        assert len(latest.renderings) <= RENDERINGS_KEPT
+    else:
+        # Across nodes the feed trails other nodes' commits, so polls read the database and
+        # no job is kept in memory at all: there is nothing for new Host headers to grow.
+        assert latest is None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import TestDatabase
 from .serverproc import ServerProcess
 
 SCHEMATHESIS = Path(sys.executable).parent / "st"
@@ -28,10 +29,10 @@ checks.positive_data_acceptance.expected-statuses = ["2XX", "409", "422", "429"]
 
 
 @pytest.mark.timeout(300)
-def test_the_live_server_keeps_to_its_document(tmp_path: Path) -> None:
+def test_the_live_server_keeps_to_its_document(tmp_path: Path, database: TestDatabase) -> None:
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG)
-    server = ServerProcess(tmp_path / "data", env={"IMAGEGEN_PROVIDER__IMAGE_SIZE": "64"})
+    server = ServerProcess(database.data_dir, env={**database.env, "IMAGEGEN_PROVIDER__IMAGE_SIZE": "64"})
     server.start()
     try:
         run = subprocess.run(

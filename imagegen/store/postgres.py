@@ -1,10 +1,11 @@
 """The PostgreSQL job store, for many processes on many machines: every PostgreSQL SQL string.
 
-- Each change is one transaction on a pooled connection (psycopg 3 with psycopg-pool), shielded
-  from the caller's cancellation so it commits or rolls back as a unit, as on SQLite.
-- Event ids come from a one-row counter updated as the last statement of each writing
-  transaction (see migrations/postgres/001_schema.sql), so commit order is id order on every
-  node; the same statement NOTIFYs, delivered at commit.
+- Each change is one statement with its event (a create, one function call), run in autocommit
+  mode on a pooled connection (psycopg 3 with psycopg-pool): its own transaction, shielded from
+  the caller's cancellation so it commits or rolls back as a unit, as on SQLite.
+- Event ids come from a one-row counter that each writing statement updates after the job rows
+  it locks (see migrations/postgres/001_schema.sql), so commit order is id order on every node;
+  the same statement NOTIFYs, delivered at commit.
 - The feed of every node is filled from the events table by one reader task, woken by that
   NOTIFY (on its own listening connection), by this node's own commits, and by a short poll
   that covers a notification lost with a dropped connection.
@@ -18,10 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -36,7 +36,6 @@ from . import Idempotency, JobEvent, KeyReused, NewJob, PendingJob, QueueLimit
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations" / "postgres"
@@ -56,43 +55,44 @@ CONNECT_TIMEOUT_S = 5
 
 # --- queries -------------------------------------------------------------------------------
 
-# The job row as an event's snapshot: the same keys, in the same order, as SQLite's.
-_SNAPSHOT = """json_build_object(
-    'seq', j.seq, 'id', j.id, 'status', j.status, 'num_images', j.num_images, 'animal', j.animal,
-    'prompt', j.prompt, 'images', j.images, 'attempts', j.attempts, 'error_code', j.error_code,
-    'error_message', j.error_message, 'error_retryable', j.error_retryable,
-    'created_at', j.created_at, 'updated_at', j.updated_at, 'started_at', j.started_at,
-    'completed_at', j.completed_at, 'not_before', j.not_before)::text"""
-
 EVENT_COLUMNS = "seq, name, job_id, job, job_seq, status"
 
-# The events of a transaction's changes, (job id, name) in order, with ids from the counter:
-# the last statement of every writing transaction, so the counter's row lock is held for the
-# shortest time (to commit). pg_notify is queued here and delivered at commit.
-APPEND_EVENTS = f"""
-WITH counter AS (
-    UPDATE event_counter SET last = last + cardinality(%(job_ids)s::text[]) RETURNING last
-), changes AS (
-    SELECT * FROM unnest(%(job_ids)s::text[], %(names)s::text[]) WITH ORDINALITY AS c(job_id, name, n)
-), notified AS (
-    SELECT pg_notify('{CHANNEL}', '')
-)
+
+def _with_events(change: str, name: str, also: str = "") -> str:
+    """One statement: `change` (an UPDATE or DELETE of jobs ending in `RETURNING jobs AS job`)
+    and, for each row it touched, its event `name` (an SQL expression over `job`, the row after
+    the change), with ids from the counter and a NOTIFY delivered at commit. `also` adds
+    statements that go with the change (CTEs that may read `changed`).
+
+    One statement in autocommit mode is its own transaction: it locks the job rows first and
+    the counter last, and holds the counter's lock only while the server commits, never across
+    a round trip to this busy process.
+    """
+    return f"""
+WITH changed AS ({change}),{also}
+counter AS (
+    UPDATE event_counter SET last = last + (SELECT count(*) FROM changed)
+    WHERE EXISTS (SELECT 1 FROM changed)
+    RETURNING last
+),
+numbered AS (
+    SELECT job, row_number() OVER (ORDER BY (job).seq) AS n, count(*) OVER () AS total FROM changed
+),
+notified AS (SELECT pg_notify('{CHANNEL}', '') FROM counter)
 INSERT INTO events (seq, job_id, name, job, job_seq, status, created_at)
-SELECT counter.last - cardinality(%(job_ids)s::text[]) + changes.n, j.id, changes.name, {_SNAPSHOT},
-       j.seq, j.status, j.updated_at
-FROM counter, notified, changes JOIN jobs j ON j.id = changes.job_id
+SELECT counter.last - numbered.total + numbered.n, (job).id, {name}, imagegen_snapshot(job),
+       (job).seq, (job).status, (job).updated_at
+FROM numbered, counter, notified
 RETURNING {EVENT_COLUMNS}
 """
 
-# Taken first by a create: creates then run one at a time, so the pending count is exact.
-LOCK_COUNTER = "SELECT last FROM event_counter FOR UPDATE"
-PENDING_COUNT = "SELECT count(*) AS n FROM jobs WHERE status = 'pending'"
-INSERT_JOB = """
-INSERT INTO jobs (id, num_images, animal, prompt, created_at, updated_at)
-VALUES (%(id)s, %(num_images)s, %(animal)s, %(prompt)s, %(now)s, %(now)s)
+
+CREATE_JOB = """
+SELECT * FROM imagegen_create_job(
+    %(id)s, %(num_images)s, %(animal)s, %(prompt)s, %(now)s, %(key)s, %(request_hash)s, %(max_pending)s
+)
 """
 IDEMPOTENCY_KEY = "SELECT request_hash, job_id FROM idempotency_keys WHERE key = %s"
-INSERT_IDEMPOTENCY_KEY = "INSERT INTO idempotency_keys (key, request_hash, job_id, created_at) VALUES (%s, %s, %s, %s)"
 
 SELECT_JOB = "SELECT * FROM jobs WHERE id = %s"
 LIST_JOBS = "SELECT * FROM jobs WHERE seq < %s ORDER BY seq DESC LIMIT %s"
@@ -101,89 +101,94 @@ PENDING_JOBS = "SELECT id, seq, not_before FROM jobs WHERE status = 'pending' OR
 LAST_EVENT = "SELECT last FROM event_counter"
 
 _LEASE = "lease_owner = %(owner)s, lease_expires_at = now() + make_interval(secs => %(lease_s)s)"
+_CLAIM = f"""status = 'processing', attempts = attempts + 1, {_LEASE},
+       started_at = coalesce(started_at, %(now)s), updated_at = %(now)s"""
 
 # The oldest runnable pending job, skipping rows another node is claiming this instant.
-CLAIM_NEXT = f"""
-UPDATE jobs SET status = 'processing', attempts = attempts + 1, {_LEASE},
-       started_at = coalesce(started_at, %(now)s), updated_at = %(now)s
+CLAIM_NEXT = _with_events(f"""
+UPDATE jobs SET {_CLAIM}
 WHERE seq = (
     SELECT seq FROM jobs
     WHERE status = 'pending' AND (not_before IS NULL OR not_before <= %(now)s)
     ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED
 )
-RETURNING id
-"""
-CLAIM_JOB = f"""
-UPDATE jobs SET status = 'processing', attempts = attempts + 1, {_LEASE},
-       started_at = coalesce(started_at, %(now)s), updated_at = %(now)s
-WHERE id = %(id)s AND status = 'pending'
-"""
+RETURNING jobs AS job""", "'job.processing'")
+CLAIM_JOB = _with_events(f"""
+UPDATE jobs SET {_CLAIM} WHERE id = %(id)s AND status = 'pending' RETURNING jobs AS job""", "'job.processing'")
 
 # Fenced on the attempt and on a live lease of this node: a node that was paused past its
 # lease cannot write, even before another node has rescued the job.
 _HELD = ("id = %(id)s AND status = 'processing' AND attempts = %(attempts)s "
          "AND lease_owner = %(owner)s AND lease_expires_at > now()")
+_NO_LEASE = "lease_owner = NULL, lease_expires_at = NULL"
 
-ADD_IMAGE = f"""
+ADD_IMAGE = _with_events(f"""
 UPDATE jobs SET images = (images::jsonb || to_jsonb(%(path)s::text))::text, updated_at = %(now)s
 WHERE {_HELD} AND jsonb_array_length(images::jsonb) = %(count)s
-"""
-COMPLETE_JOB = f"""
-UPDATE jobs SET status = 'completed', completed_at = %(now)s, updated_at = %(now)s,
-       lease_owner = NULL, lease_expires_at = NULL,
+RETURNING jobs AS job""", "'job.progress'")
+# A completed or canceled job shows no error, though an earlier attempt may have failed.
+COMPLETE_JOB = _with_events(f"""
+UPDATE jobs SET status = 'completed', completed_at = %(now)s, updated_at = %(now)s, {_NO_LEASE},
        error_code = NULL, error_message = NULL, error_retryable = NULL
 WHERE {_HELD} AND jsonb_array_length(images::jsonb) = num_images
-"""
-FAIL_JOB = f"""
+RETURNING jobs AS job""", "'job.completed'")
+FAIL_JOB = _with_events(f"""
 UPDATE jobs SET status = 'failed', error_code = %(code)s, error_message = %(message)s,
-       error_retryable = %(retryable)s, completed_at = %(now)s, updated_at = %(now)s,
-       lease_owner = NULL, lease_expires_at = NULL
+       error_retryable = %(retryable)s, completed_at = %(now)s, updated_at = %(now)s, {_NO_LEASE}
 WHERE {_HELD}
-"""
-RETRY_JOB = f"""
+RETURNING jobs AS job""", "'job.failed'")
+# A retryable failure: back to pending with the error kept, to be claimed again after not_before.
+RETRY_JOB = _with_events(f"""
 UPDATE jobs SET status = 'pending', error_code = %(code)s, error_message = %(message)s, error_retryable = 1,
-       not_before = %(not_before)s, updated_at = %(now)s, lease_owner = NULL, lease_expires_at = NULL
+       not_before = %(not_before)s, updated_at = %(now)s, {_NO_LEASE}
 WHERE {_HELD}
+RETURNING jobs AS job""", "'job.retrying'")
+# A graceful stop hands back what the node holds, even a lease that lapsed meanwhile (had
+# another node rescued the job, the owner would no longer be this node).
+RELEASE_JOBS = _with_events(f"""
+UPDATE jobs SET status = 'pending', updated_at = %(now)s, {_NO_LEASE}
+WHERE status = 'processing' AND lease_owner = %(owner)s
+RETURNING jobs AS job""", "'job.requeued'")
+# Only leases still alive: once one has lapsed the job may be rescued at any moment, and a
+# stalled node that wakes must not take it back.
+HEARTBEAT = f"""
+UPDATE jobs SET {_LEASE}
+WHERE id = ANY(%(ids)s::text[]) AND lease_owner = %(owner)s AND status = 'processing' AND lease_expires_at > now()
 """
-# A graceful shutdown hands a job back even if its lease lapsed meanwhile (nobody else took it,
-# or the attempt would not match).
-RELEASE_JOB = """
-UPDATE jobs SET status = 'pending', updated_at = %(now)s, lease_owner = NULL, lease_expires_at = NULL
-WHERE id = %(id)s AND status = 'processing' AND attempts = %(attempts)s AND lease_owner = %(owner)s
-"""
-HEARTBEAT = f"UPDATE jobs SET {_LEASE} WHERE lease_owner = %(owner)s AND status = 'processing'"
 
-CANCEL_JOB = """
-UPDATE jobs SET status = 'canceled', completed_at = %(now)s, updated_at = %(now)s,
-       lease_owner = NULL, lease_expires_at = NULL,
+CANCEL_JOB = _with_events(f"""
+UPDATE jobs SET status = 'canceled', completed_at = %(now)s, updated_at = %(now)s, {_NO_LEASE},
        error_code = NULL, error_message = NULL, error_retryable = NULL
 WHERE id = %(id)s AND status IN ('pending', 'processing')
-"""
+RETURNING jobs AS job""", "'job.canceled'")
 
-# Locked first, so the delete takes the counter's lock last, like every other writer.
-LOCK_JOB_STATUS = "SELECT status FROM jobs WHERE id = %s FOR UPDATE"
-DELETE_JOB = "DELETE FROM jobs WHERE id = %s"
-DELETE_JOB_KEYS = "DELETE FROM idempotency_keys WHERE job_id = %s"
+# The row goes with its idempotency keys (a key may then create a job again); its events stay
+# (a stream replays the deletion) until retention prunes them. The event carries the row as it was.
+DELETE_JOB = _with_events(
+    "DELETE FROM jobs WHERE id = %(id)s AND status IN ('completed', 'failed', 'canceled') RETURNING jobs AS job",
+    "'job.deleted'",
+    also="\ngone_keys AS (DELETE FROM idempotency_keys WHERE job_id IN (SELECT (job).id FROM changed)),",
+)
+JOB_STATUS = "SELECT status FROM jobs WHERE id = %s"
+
+# Jobs whose lease expired: their node died or stalled. One such job abandoned max_recoveries
+# times fails (a poison job), the rest go back to pending; one node at a time does this (the
+# advisory lock, released when the statement's transaction ends).
+RESCUE_JOBS = _with_events(f"""
+UPDATE jobs SET
+    status = CASE WHEN recoveries + 1 >= %(max_recoveries)s THEN 'failed' ELSE 'pending' END,
+    error_code = CASE WHEN recoveries + 1 >= %(max_recoveries)s THEN 'crashed_repeatedly' ELSE error_code END,
+    error_retryable = CASE WHEN recoveries + 1 >= %(max_recoveries)s THEN 0 ELSE error_retryable END,
+    error_message = CASE WHEN recoveries + 1 >= %(max_recoveries)s
+                         THEN 'The worker drawing this job stopped unexpectedly ' || (recoveries + 1)
+                              || ' times; it is not tried again.'
+                         ELSE error_message END,
+    completed_at = CASE WHEN recoveries + 1 >= %(max_recoveries)s THEN %(now)s ELSE completed_at END,
+    recoveries = recoveries + 1, updated_at = %(now)s, {_NO_LEASE}
+WHERE status = 'processing' AND lease_expires_at < now() AND (SELECT pg_try_advisory_xact_lock({RESCUE_LOCK}))
+RETURNING jobs AS job""", "CASE (job).status WHEN 'failed' THEN 'job.failed' ELSE 'job.requeued' END")
 
 TRY_LOCK = "SELECT pg_try_advisory_xact_lock(%s) AS locked"
-
-# Jobs whose lease expired: their node died or stalled. Those abandoned max_recoveries times
-# fail (a poison job), the rest go back to pending.
-FAIL_POISON_JOBS = """
-UPDATE jobs SET status = 'failed', error_code = 'crashed_repeatedly', error_retryable = 0,
-       error_message = 'The worker drawing this job stopped unexpectedly ' || (recoveries + 1)
-                       || ' times; it is not tried again.',
-       recoveries = recoveries + 1, completed_at = %(now)s, updated_at = %(now)s,
-       lease_owner = NULL, lease_expires_at = NULL
-WHERE status = 'processing' AND lease_expires_at < now() AND recoveries + 1 >= %(max_recoveries)s
-RETURNING id
-"""
-RESCUE_JOBS = """
-UPDATE jobs SET status = 'pending', recoveries = recoveries + 1, updated_at = %(now)s,
-       lease_owner = NULL, lease_expires_at = NULL
-WHERE status = 'processing' AND lease_expires_at < now()
-RETURNING id
-"""
 
 EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > %s ORDER BY seq LIMIT %s"
 JOB_EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = %s AND seq > %s ORDER BY seq LIMIT %s"
@@ -348,41 +353,28 @@ class PostgresStore:
             except Exception as exc:
                 log.warning("reading the event log failed (%s); trying again", exc)
 
-    # --- transactions ----------------------------------------------------------------------
+    # --- writes ----------------------------------------------------------------------------
 
-    async def _write(self, work: Callable[[Connection], Awaitable[T]]) -> T:
-        """Run `work` in one transaction that commits or rolls back whole even if the caller is
-        cancelled meanwhile (as SQLite's queued writes do); then wake the feed's reader."""
-        task = asyncio.ensure_future(self._transaction(work))
+    async def _write(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Run one writing statement (its own transaction, in autocommit mode) to its end even
+        if the caller is cancelled meanwhile, as SQLite's queued writes are; then wake the feed's
+        reader, so this node's streams hear of the change without waiting for the NOTIFY."""
+        task = asyncio.ensure_future(self._run(sql, params))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
         return await asyncio.shield(task)
 
-    async def _transaction(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+    async def _run(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         async with self._pool.connection() as conn:
-            async with conn.transaction():
-                result = await work(conn)
+            rows = await (await conn.execute(sql, params)).fetchall()
         self._wake.set()
-        return result
+        return rows
 
-    async def _append(self, conn: Connection, changes: list[tuple[str, str]]) -> list[JobEvent]:
-        """The events of this transaction's changes: its last statement (see APPEND_EVENTS)."""
-        if not changes:
-            return []
-        params = {"job_ids": [job_id for job_id, _ in changes], "names": [name for _, name in changes]}
-        cur = await conn.execute(APPEND_EVENTS, params)
-        return sorted((_event(row) for row in await cur.fetchall()), key=lambda event: event.seq)
-
-    async def _change(self, name: str, sql: str, params: dict[str, Any]) -> JobEvent | None:
-        """One conditional UPDATE of job params["id"], its row count checked, and its event."""
-
-        async def work(conn: Connection) -> JobEvent | None:
-            cur = await conn.execute(sql, params)
-            if cur.rowcount != 1:
-                return None  # the condition did not hold (e.g. the job moved on): nothing happened
-            return (await self._append(conn, [(params["id"], name)]))[0]
-
-        return await self._write(work)
+    async def _change(self, sql: str, params: dict[str, Any]) -> JobEvent | None:
+        """A conditional change of one job with its event; None if the condition did not hold
+        (e.g. the job moved on): then nothing happened."""
+        rows = await self._write(sql, params)
+        return _event(rows[0]) if rows else None
 
     async def _fetch_one(self, sql: str, params: Any = ()) -> dict[str, Any] | None:
         async with self._pool.connection() as conn:
@@ -399,29 +391,17 @@ class PostgresStore:
     async def create(
         self, new: NewJob, idempotency: Idempotency | None, max_pending: int | None
     ) -> JobEvent | KeyReused:
-        async def work(conn: Connection) -> JobEvent | KeyReused:
-            if max_pending is not None:
-                await conn.execute(LOCK_COUNTER)
-            if idempotency is not None:
-                cur = await conn.execute(IDEMPOTENCY_KEY, (idempotency.key,))
-                used = await cur.fetchone()
-                if used is not None:
-                    return KeyReused(used["job_id"], used["request_hash"] == idempotency.request_hash)
-            if max_pending is not None:
-                cur = await conn.execute(PENDING_COUNT)
-                row = await cur.fetchone()
-                assert row is not None
-                if row["n"] >= max_pending:
-                    raise QueueLimit(row["n"])
-            await conn.execute(
-                INSERT_JOB,
-                {"id": new.job_id, "num_images": new.num_images, "animal": new.animal, "prompt": new.prompt, "now": new.now},
-            )
-            if idempotency is not None:
-                await conn.execute(INSERT_IDEMPOTENCY_KEY, (idempotency.key, idempotency.request_hash, new.job_id, new.now))
-            return (await self._append(conn, [(new.job_id, "job.created")]))[0]
-
-        return await self._write(work)
+        (row,) = await self._write(CREATE_JOB, {
+            "id": new.job_id, "num_images": new.num_images, "animal": new.animal, "prompt": new.prompt,
+            "now": new.now, "key": idempotency.key if idempotency else None,
+            "request_hash": idempotency.request_hash if idempotency else None,
+            "max_pending": max_pending if max_pending is not None else 2**31 - 1,
+        })
+        if row["reused_job_id"] is not None:
+            return KeyReused(row["reused_job_id"], row["same_body"])
+        if row["pending"] is not None:
+            raise QueueLimit(row["pending"])
+        return JobEvent(row["event_seq"], "job.created", new.job_id, row["snapshot"], row["job_seq"], "pending")
 
     async def idempotency_key_job(self, key: str) -> str | None:
         row = await self._fetch_one(IDEMPOTENCY_KEY, (key,))
@@ -452,78 +432,50 @@ class PostgresStore:
 
     async def claim_next(self, owner: str, lease_s: float) -> JobEvent | None:
         """The oldest pending job that is due, claimed under `owner`'s lease; None if none is."""
-
-        async def work(conn: Connection) -> JobEvent | None:
-            cur = await conn.execute(CLAIM_NEXT, {"owner": owner, "lease_s": lease_s, "now": now_text()})
-            row = await cur.fetchone()
-            if row is None:
-                return None
-            return (await self._append(conn, [(row["id"], "job.processing")]))[0]
-
-        return await self._write(work)
+        return await self._change(CLAIM_NEXT, {"owner": owner, "lease_s": lease_s, "now": now_text()})
 
     async def claim(self, job_id: str, owner: str, lease_s: float) -> JobEvent | None:
-        params = {"id": job_id, "owner": owner, "lease_s": lease_s, "now": now_text()}
-        return await self._change("job.processing", CLAIM_JOB, params)
+        return await self._change(CLAIM_JOB, {"id": job_id, "owner": owner, "lease_s": lease_s, "now": now_text()})
 
     def _held(self, job: Job, owner: str, **params: Any) -> dict[str, Any]:
         return {"id": job.job_id, "attempts": job.attempts, "owner": owner, "now": now_text(), **params}
 
     async def add_image(self, job: Job, path: str, owner: str) -> JobEvent | None:
-        return await self._change("job.progress", ADD_IMAGE, self._held(job, owner, path=path, count=len(job.images)))
+        return await self._change(ADD_IMAGE, self._held(job, owner, path=path, count=len(job.images)))
 
     async def complete(self, job: Job, owner: str) -> JobEvent | None:
-        return await self._change("job.completed", COMPLETE_JOB, self._held(job, owner))
+        return await self._change(COMPLETE_JOB, self._held(job, owner))
 
     async def fail(self, job: Job, code: str, message: str, retryable: bool, owner: str) -> JobEvent | None:
-        params = self._held(job, owner, code=code, message=message, retryable=int(retryable))
-        return await self._change("job.failed", FAIL_JOB, params)
+        return await self._change(FAIL_JOB, self._held(job, owner, code=code, message=message, retryable=int(retryable)))
 
     async def retry(self, job: Job, code: str, message: str, not_before: str, owner: str) -> JobEvent | None:
-        params = self._held(job, owner, code=code, message=message, not_before=not_before)
-        return await self._change("job.retrying", RETRY_JOB, params)
+        return await self._change(RETRY_JOB, self._held(job, owner, code=code, message=message, not_before=not_before))
 
-    async def release(self, job: Job, owner: str) -> JobEvent | None:
-        return await self._change("job.requeued", RELEASE_JOB, self._held(job, owner))
+    async def release_all(self, owner: str) -> list[JobEvent]:
+        rows = await self._write(RELEASE_JOBS, {"owner": owner, "now": now_text()})
+        return sorted((_event(row) for row in rows), key=lambda event: event.seq)
 
-    async def heartbeat(self, owner: str, lease_s: float) -> int:
+    async def heartbeat(self, job_ids: list[str], owner: str, lease_s: float) -> int:
         async with self._pool.connection() as conn:
-            cur = await conn.execute(HEARTBEAT, {"owner": owner, "lease_s": lease_s})
+            cur = await conn.execute(HEARTBEAT, {"ids": job_ids, "owner": owner, "lease_s": lease_s})
             return cur.rowcount
 
     async def recover(self, max_recoveries: int) -> list[JobEvent]:
-        async def work(conn: Connection) -> list[JobEvent]:
-            locked = await (await conn.execute(TRY_LOCK, (RESCUE_LOCK,))).fetchone()
-            if not (locked and locked["locked"]):
-                return []  # another node is rescuing right now
-            params = {"now": now_text(), "max_recoveries": max_recoveries}
-            failed = [row["id"] for row in await (await conn.execute(FAIL_POISON_JOBS, params)).fetchall()]
-            rescued = [row["id"] for row in await (await conn.execute(RESCUE_JOBS, params)).fetchall()]
-            changes = [(job_id, "job.failed") for job_id in failed] + [(job_id, "job.requeued") for job_id in rescued]
-            return await self._append(conn, changes)
-
-        return await self._write(work)
+        rows = await self._write(RESCUE_JOBS, {"now": now_text(), "max_recoveries": max_recoveries})
+        return sorted((_event(row) for row in rows), key=lambda event: event.seq)
 
     # --- control ---------------------------------------------------------------------------
 
     async def cancel(self, job_id: str) -> JobEvent | None:
-        return await self._change("job.canceled", CANCEL_JOB, {"id": job_id, "now": now_text()})
+        return await self._change(CANCEL_JOB, {"id": job_id, "now": now_text()})
 
     async def delete(self, job_id: str) -> JobEvent | JobStatus | None:
-        async def work(conn: Connection) -> JobEvent | JobStatus | None:
-            row = await (await conn.execute(LOCK_JOB_STATUS, (job_id,))).fetchone()
-            if row is None:
-                return None
-            status = JobStatus(row["status"])
-            if not status.terminal:
-                return status
-            # The event carries the job as it was, so it is written before the row goes.
-            events = await self._append(conn, [(job_id, "job.deleted")])
-            await conn.execute(DELETE_JOB, (job_id,))
-            await conn.execute(DELETE_JOB_KEYS, (job_id,))
-            return events[0]
-
-        return await self._write(work)
+        deleted = await self._change(DELETE_JOB, {"id": job_id})
+        if deleted is not None:
+            return deleted
+        row = await self._fetch_one(JOB_STATUS, (job_id,))
+        return None if row is None else JobStatus(row["status"])
 
     # --- the event log ---------------------------------------------------------------------
 
@@ -544,17 +496,16 @@ class PostgresStore:
         return row["latest"], row["pruned"]
 
     async def prune(self, keep_events: int, keys_before: str) -> int:
-        async def work(conn: Connection) -> int:
-            locked = await (await conn.execute(TRY_LOCK, (PRUNE_LOCK,))).fetchone()
-            row = await (await conn.execute(EVENT_HORIZON)).fetchone()
-            assert row is not None
-            if not (locked and locked["locked"]):
-                return row["pruned"]  # another node is pruning right now
-            cutoff = row["latest"] - keep_events
-            if cutoff > 0:
-                await conn.execute(PRUNE_EVENTS, (cutoff,))
-                await conn.execute(SET_PRUNED_THROUGH, {"cutoff": cutoff})
-            await conn.execute(PRUNE_IDEMPOTENCY_KEYS, (keys_before,))
-            return max(cutoff, row["pruned"])
-
-        return await self._write(work)
+        async with self._pool.connection() as conn:
+            async with conn.transaction():
+                locked = await (await conn.execute(TRY_LOCK, (PRUNE_LOCK,))).fetchone()
+                row = await (await conn.execute(EVENT_HORIZON)).fetchone()
+                assert row is not None and locked is not None
+                if not locked["locked"]:
+                    return row["pruned"]  # another node is pruning right now
+                cutoff = row["latest"] - keep_events
+                if cutoff > 0:
+                    await conn.execute(PRUNE_EVENTS, (cutoff,))
+                    await conn.execute(SET_PRUNED_THROUGH, {"cutoff": cutoff})
+                await conn.execute(PRUNE_IDEMPOTENCY_KEYS, (keys_before,))
+                return max(cutoff, row["pruned"])

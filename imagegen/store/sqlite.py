@@ -84,9 +84,10 @@ UPDATE jobs SET status = 'pending', error_code = ?1, error_message = ?2, error_r
 WHERE id = ?4 AND status = 'processing' AND attempts = ?6
 """
 
-RELEASE_JOB = """
+RELEASE_JOBS = """
 UPDATE jobs SET status = 'pending', updated_at = ?1, lease_owner = NULL
-WHERE id = ?2 AND status = 'processing' AND attempts = ?3
+WHERE status = 'processing' AND lease_owner = ?2
+RETURNING id
 """
 
 CANCEL_JOB = """
@@ -435,10 +436,16 @@ class SQLiteStore:
         params = (code, message, now_text(), job.job_id, not_before, job.attempts)
         return await self._change("job.retrying", job.job_id, RETRY_JOB, params)
 
-    async def release(self, job: Job, owner: str) -> JobEvent | None:
-        return await self._change("job.requeued", job.job_id, RELEASE_JOB, (now_text(), job.job_id, job.attempts))
+    async def release_all(self, owner: str) -> list[JobEvent]:
+        def release(conn: sqlite3.Connection) -> list[Any]:
+            rows = []
+            for (job_id,) in conn.execute(RELEASE_JOBS, (now_text(), owner)).fetchall():
+                rows += conn.execute(INSERT_EVENT, ("job.requeued", job_id)).fetchall()
+            return rows
 
-    async def heartbeat(self, owner: str, lease_s: float) -> int:
+        return await self._write(release, _event_list)
+
+    async def heartbeat(self, job_ids: list[str], owner: str, lease_s: float) -> int:
         return 0  # no leases: nobody else could take this process's jobs
 
     async def recover(self, max_recoveries: int) -> list[JobEvent]:

@@ -1,6 +1,6 @@
 -- imagegen schema for PostgreSQL, version 1: the same tables as SQLite's schema.sql (same
 -- columns, same timestamps as ISO 8601 text), plus what many nodes need: leases, and event
--- ids that follow commit order.
+-- ids that follow commit order, and the create as one server-side function.
 --
 -- Job status transitions (enforced by the trigger jobs_status_transition below):
 --
@@ -65,7 +65,8 @@ FOR EACH ROW EXECUTE FUNCTION jobs_status_transition();
 -- id 101 could commit while 100 is still open, and a stream that sent 101 would never send
 -- 100. The counter row is updated as the last statement of every writing transaction; its row
 -- lock is held until commit (and a rollback gives the value back), so ids are strictly
--- increasing in commit order on every node.
+-- increasing in commit order on every node. Each write is one statement (or, for a create,
+-- one function call), so that lock is never held across a round trip to the client.
 CREATE TABLE events (
     seq        bigint PRIMARY KEY, -- global event id, in commit order
     job_id     text   NOT NULL,    -- jobs.id (no foreign key: events outlive deleted jobs until pruned)
@@ -100,3 +101,58 @@ CREATE TABLE idempotency_keys (
     created_at   text NOT NULL     -- pruned once older than the retention
 );
 CREATE INDEX idempotency_keys_job ON idempotency_keys (job_id);
+
+-- A job row as its events' snapshot: the same keys, in the same order, as SQLite's.
+CREATE FUNCTION imagegen_snapshot(j jobs) RETURNS text LANGUAGE sql STABLE AS $$
+    SELECT json_build_object(
+        'seq', j.seq, 'id', j.id, 'status', j.status, 'num_images', j.num_images, 'animal', j.animal,
+        'prompt', j.prompt, 'images', j.images, 'attempts', j.attempts, 'error_code', j.error_code,
+        'error_message', j.error_message, 'error_retryable', j.error_retryable,
+        'created_at', j.created_at, 'updated_at', j.updated_at, 'started_at', j.started_at,
+        'completed_at', j.completed_at, 'not_before', j.not_before)::text
+$$;
+
+-- POST /generations in one round trip, so the counter's lock is held only while the server
+-- runs it (never across a round trip to a busy client). A create takes that lock first: creates
+-- then run one at a time, and the pending count below (each statement here sees what the
+-- creates before it committed) is exact across all nodes. Returns one row: the job.created
+-- event (event_seq, snapshot, job_seq); or the job an Idempotency-Key already made
+-- (reused_job_id, same_body); or, with max_pending jobs waiting, how many (pending).
+CREATE FUNCTION imagegen_create_job(
+    p_id text, p_num_images integer, p_animal text, p_prompt text, p_now text,
+    p_key text, p_request_hash text, p_max_pending integer
+) RETURNS TABLE (event_seq bigint, snapshot text, job_seq bigint, reused_job_id text, same_body boolean, pending bigint)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    used idempotency_keys%ROWTYPE;
+    waiting bigint;
+    created jobs%ROWTYPE;
+    next_seq bigint;
+BEGIN
+    PERFORM 1 FROM event_counter FOR UPDATE;
+    IF p_key IS NOT NULL THEN
+        SELECT * INTO used FROM idempotency_keys WHERE key = p_key;
+        IF FOUND THEN
+            RETURN QUERY SELECT NULL::bigint, NULL::text, NULL::bigint, used.job_id, used.request_hash = p_request_hash, NULL::bigint;
+            RETURN;
+        END IF;
+    END IF;
+    -- Counted no further than the limit: the cost stays bounded however long the backlog.
+    SELECT count(*) INTO waiting FROM (SELECT 1 FROM jobs WHERE status = 'pending' LIMIT p_max_pending) AS waiting_jobs;
+    IF waiting >= p_max_pending THEN
+        RETURN QUERY SELECT NULL::bigint, NULL::text, NULL::bigint, NULL::text, NULL::boolean, waiting;
+        RETURN;
+    END IF;
+    INSERT INTO jobs (id, num_images, animal, prompt, created_at, updated_at)
+    VALUES (p_id, p_num_images, p_animal, p_prompt, p_now, p_now)
+    RETURNING * INTO created;
+    IF p_key IS NOT NULL THEN
+        INSERT INTO idempotency_keys (key, request_hash, job_id, created_at) VALUES (p_key, p_request_hash, p_id, p_now);
+    END IF;
+    UPDATE event_counter SET last = last + 1 RETURNING last INTO next_seq;
+    INSERT INTO events (seq, job_id, name, job, job_seq, status, created_at)
+    VALUES (next_seq, p_id, 'job.created', imagegen_snapshot(created), created.seq, created.status, p_now);
+    PERFORM pg_notify('imagegen_events', '');
+    RETURN QUERY SELECT next_seq, imagegen_snapshot(created), created.seq, NULL::text, NULL::boolean, NULL::bigint;
+END $$;
