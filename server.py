@@ -6,14 +6,17 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from imagegen.app import ROLES, create_app
-from imagegen.config import ConfigError, Settings, load_settings
+from imagegen.config import ENV_PREFIX, ConfigError, ServerSettings, Settings, load_settings
 from imagegen.errors import StartupError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.toml"
@@ -26,8 +29,28 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.toml"
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
+EPILOG = f"""\
+Every setting in the config file can be overridden from the environment as
+{ENV_PREFIX}<SECTION>__<KEY> (or {ENV_PREFIX}<SECTION>__<SUBSECTION>__<KEY>), with the value
+written as in TOML: e.g. {ENV_PREFIX}SERVER__PORT=9000, {ENV_PREFIX}STORAGE__DATA_DIR=/srv/imagegen,
+{ENV_PREFIX}JOBS__ANIMALS='["cat", "owl"]', {ENV_PREFIX}PROVIDER__OPENAI__MODEL=dall-e-3.
+--host and --port win over both the file and the environment. A server that cannot
+start says why in one line and exits with status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (and exit status 2, as argparse does)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="imagegen: the image-generation job service")
+    parser = _Parser(
+        description="imagegen: the image-generation job service",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML settings file")
     parser.add_argument("--host", help="listen address (overrides server.host)")
     parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
@@ -48,19 +71,32 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    server = settings.server.model_copy(
-        update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    )
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    try:  # validated like the file's values: --port 70000 is refused here, not by the socket
+        server = ServerSettings.model_validate({**settings.server.model_dump(), **overrides})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        print(f"imagegen: configuration error: --{first['loc'][0]}: {first['msg']}", file=sys.stderr)
+        return 2
     settings = settings.model_copy(update={"server": server})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     gc.set_threshold(*GC_THRESHOLDS)
+    # Set once every resource has opened: an OSError after it is the listening socket's.
+    started = False
+
+    async def mark_started(_app: web.Application) -> None:
+        nonlocal started
+        started = True
+
     try:
         if args.role == "worker":
             asyncio.run(run_worker(settings))
             return 0
+        app = create_app(settings, args.role)
+        app.on_startup.append(mark_started)  # after the cleanup contexts' start-up halves
         # shutdown_timeout bounds how long open requests may hold a graceful stop.
         web.run_app(
-            create_app(settings, args.role),
+            app,
             host=settings.server.host,
             port=settings.server.port,
             shutdown_timeout=settings.workers.shutdown_grace_s,
@@ -75,7 +111,24 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as exc:  # e.g. the database cannot be reached
         print(f"imagegen: cannot start: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if not started:
+            print(f"imagegen: cannot start: {_os_error(exc)}", file=sys.stderr)
+        else:  # run_app binds after start-up: a port in use, an address this host does not have
+            address = f"{settings.server.host}:{settings.server.port}"
+            print(f"imagegen: cannot listen on {address}: {_os_error(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # anything else a resource raised while opening: still one line
+        if started:
+            raise
+        print(f"imagegen: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _os_error(exc: OSError) -> str:
+    # "address already in use" rather than asyncio's "[Errno 98] error while attempting to bind ...".
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
 
 
 async def run_worker(settings: Settings) -> None:

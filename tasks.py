@@ -3,15 +3,26 @@
     python3 tasks.py run  [server.py arguments...]   # create .venv if needed, start the service
     python3 tasks.py test [pytest arguments...]      # the same, plus Chromium and PostgreSQL (apt-get,
                                                      # as root) where missing, then run the test suite
+    python3 tasks.py lock [pip-compile options...]   # refresh requirements.lock and requirements-test.lock
+                                                     # from pyproject.toml (e.g. --upgrade: newest allowed)
+    python3 tasks.py --help                          # this text
+
+What is installed is what the lock files name, every transitive dependency pinned with its hashes,
+so the versions tested are the versions run. They are made for Linux x86_64 and CPython 3.11.
+
+After the set-up, the command replaces this process (exec): the service (or pytest) runs as this
+very process, so Ctrl-C and SIGTERM reach it alone and stop it as they stop server.py.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import venv
 from collections.abc import Callable
 from pathlib import Path
@@ -23,25 +34,106 @@ STAMP = VENV / ".imagegen-installed"
 APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 
 EXTRAS = {"run": "", "test": "[test]"}
+# What each set of extras installs: every distribution, pinned, with its hashes (python3 tasks.py lock).
+LOCKS = {"": "requirements.lock", "[test]": "requirements-test.lock"}
+PIP_TOOLS = "pip-tools==7.6.2"
 
 
 def ensure_env(extras: str) -> None:
-    """Create .venv and install the project (with `extras`) unless pyproject.toml is unchanged."""
+    """Create .venv and install the project (with `extras`) unless pyproject.toml and the locks are unchanged."""
     if sys.version_info < (3, 11):
         sys.exit("imagegen needs Python 3.11 or newer")
     if not PYTHON.exists():
         print("creating .venv ...", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    wanted = f"{extras}:{(ROOT / 'pyproject.toml').stat().st_mtime_ns}"
+    wanted = f"{extras}:{install_digest()}"
     if STAMP.exists() and STAMP.read_text() in (wanted, f"[test]:{wanted.split(':', 1)[1]}"):
-        return  # already installed for this pyproject.toml ([test] includes everything run needs)
+        return  # already installed from these files ([test] includes everything run needs)
     print(f"installing imagegen{extras} into .venv ...", flush=True)
+    for command in install_commands(PYTHON, extras):
+        subprocess.run(command, cwd=ROOT, check=True)
+    STAMP.write_text(wanted)
+
+
+def install_digest() -> str:
+    """What an install depends on: pyproject.toml and the lock files."""
+    digest = hashlib.sha256()
+    for name in ("pyproject.toml", *LOCKS.values()):
+        path = ROOT / name
+        digest.update(path.read_bytes() if path.exists() else b"")
+    return digest.hexdigest()[:16]
+
+
+def install_commands(python: Path, extras: str, project: Path = ROOT, editable: bool = True) -> list[list[str]]:
+    """The pip commands that install the project (with `extras`) into the environment of `python`.
+
+    First exactly the lock file's distributions (--require-hashes), with --no-deps: the lock already
+    holds every dependency, and nothing else may come in (drf-spectacular-sidecar declares Django,
+    which imagegen never imports; see pyproject.toml's [tool.imagegen]). Then the project itself,
+    whose dependencies are all installed by then.
+    """
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    return [
+        [*pip, "--require-hashes", "--no-deps", "-r", str(project / LOCKS[extras])],
+        [*pip, "--no-deps", *(["-e", str(project)] if editable else [str(project)])],
+    ]
+
+
+def no_deps_dependencies(project: Path = ROOT) -> list[str]:
+    """pyproject.toml's [tool.imagegen] no-deps-dependencies: needed, but installed without theirs."""
+    import tomllib  # here, not at the top: on Python < 3.11 ensure_env says what is wrong first
+
+    with open(project / "pyproject.toml", "rb") as file:
+        return list(tomllib.load(file)["tool"]["imagegen"]["no-deps-dependencies"])
+
+
+def lock(options: list[str]) -> int:
+    """Write requirements-test.lock (the project with [test]), then requirements.lock (without), each
+    pinning every transitive dependency with its hashes, from pyproject.toml, with pip-compile. The
+    run lock is constrained by the test lock, so each distribution they share has the same version.
+    The no-deps dependencies are appended to both, pinned with hashes but without their dependencies.
+    pip-tools runs from a throw-away virtualenv: nothing is installed into .venv."""
+    if sys.version_info < (3, 11):
+        sys.exit("imagegen needs Python 3.11 or newer")
+    with tempfile.TemporaryDirectory(prefix="imagegen-lock-") as scratch:
+        tools = Path(scratch) / "venv"
+        venv.EnvBuilder(with_pip=True).create(tools)
+        python = tools / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+        quiet = ["--quiet", "--disable-pip-version-check"]
+        subprocess.run([str(python), "-m", "pip", "install", *quiet, PIP_TOOLS], check=True)
+        compile_ = [
+            str(python), "-m", "piptools", "compile", "--quiet", "--generate-hashes", "--allow-unsafe",
+            "--strip-extras", "--no-emit-index-url", "--no-emit-find-links", *options,
+        ]
+        env = {**os.environ, "CUSTOM_COMPILE_COMMAND": "python3 tasks.py lock"}
+        test_lock, run_lock = LOCKS["[test]"], LOCKS[""]
+        for command in (
+            [*compile_, "--extra", "test", "--output-file", test_lock, "pyproject.toml"],
+            [*compile_, "--constraint", test_lock, "--output-file", run_lock, "pyproject.toml"],
+        ):
+            subprocess.run(command, cwd=ROOT, env=env, check=True)
+        pinned = [pin_with_hashes(python, requirement, Path(scratch)) for requirement in no_deps_dependencies()]
+        for name in (test_lock, run_lock):
+            with open(ROOT / name, "a", encoding="utf-8") as file:
+                file.write(
+                    "# [tool.imagegen] no-deps-dependencies of pyproject.toml: needed, installed without\n"
+                    "# their dependencies (tasks.py installs this whole file with --no-deps)\n"
+                )
+                file.writelines(pinned)
+    print(f"wrote {test_lock} and {run_lock}", flush=True)
+    return 0
+
+
+def pin_with_hashes(python: Path, requirement: str, scratch: Path) -> str:
+    """`requirement` (name==version) as a lock entry, with the hash of the wheel pip downloads for it."""
+    into = scratch / "download" / requirement
     subprocess.run(
-        [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", f".{extras}"],
-        cwd=ROOT,
+        [str(python), "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
+         "--only-binary", ":all:", "--dest", str(into), requirement],
         check=True,
     )
-    STAMP.write_text(wanted)
+    hashes = [f"    --hash=sha256:{hashlib.sha256(f.read_bytes()).hexdigest()}" for f in sorted(into.iterdir())]
+    return " \\\n".join([requirement, *hashes]) + "\n"
 
 
 def ensure_chromium() -> None:
@@ -99,6 +191,11 @@ def write_file(path: Path, text: str) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
+    if argv[:1] == ["lock"]:
+        return lock(argv[1:])
     if not argv or argv[0] not in EXTRAS:
         print(__doc__, file=sys.stderr)
         return 2
@@ -111,7 +208,20 @@ def main(argv: list[str]) -> int:
         args = [str(PYTHON), "server.py", *rest]
     else:
         args = [str(PYTHON), "-m", "pytest", *rest]
-    return subprocess.run(args, cwd=ROOT).returncode
+    return replace_process(args)
+
+
+def replace_process(args: list[str]) -> int:
+    """Become `args` (exec, in ROOT): no parent stays behind to be signalled, orphaned or to signal
+    twice. Windows has no exec that keeps the process (os.execv there starts a new one and exits,
+    which a console's Ctrl-C would not follow), so there it runs `args` as a child and waits."""
+    os.chdir(ROOT)
+    if os.name == "nt":
+        return subprocess.run(args).returncode
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(args[0], args)
+    raise AssertionError("unreachable: os.execv returns only by raising")
 
 
 if __name__ == "__main__":

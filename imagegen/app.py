@@ -61,19 +61,20 @@ def create_app(settings: Settings, role: Role = "all") -> web.Application:
 
 
 def _add_routes(router: web.UrlDispatcher) -> None:
-    # No implicit HEAD routes: what is served is exactly what is documented. Every handler
-    # answers its errors as problem+json (api/problems.problem_errors).
-    router.add_get("/", problem_errors(page.index), allow_head=False)
+    # Every GET route also answers HEAD (RFC 9110: GET's status and headers, no body); the
+    # OpenAPI document leaves those implicit HEAD routes out (api/openapi.build_document).
+    # Every handler answers its errors as problem+json (api/problems.problem_errors).
+    router.add_get("/", problem_errors(page.index))
     router.add_post("/generations", problem_errors(routes.create_generation))
-    router.add_get("/generations", problem_errors(routes.list_generations), allow_head=False)
+    router.add_get("/generations", problem_errors(routes.list_generations))
     # The event streams go before {jobId}: "events" would otherwise be taken for a job id.
-    router.add_get("/generations/events", problem_errors(streams.stream_all), allow_head=False)
-    router.add_get("/generations/{jobId}/events", problem_errors(streams.stream_job), allow_head=False)
+    router.add_get("/generations/events", problem_errors(streams.stream_all))
+    router.add_get("/generations/{jobId}/events", problem_errors(streams.stream_job))
     # "events" is never a job id: without the lookahead, DELETE /generations/events would
     # reach delete_generation and the Allow header of /generations/events would list DELETE.
     job = "/generations/{jobId:(?!events$)[^{}/]+}"
-    router.add_get(job, problem_errors(routes.get_generation), allow_head=False)
+    router.add_get(job, problem_errors(routes.get_generation))
     router.add_delete(job, problem_errors(routes.delete_generation))
     router.add_post("/generations/{jobId}/cancel", problem_errors(routes.cancel_generation))
     # ASCII digits only (\d would take other scripts' digits), and no more than an index can be.
-    router.add_get(r"/images/{jobId}/{index:[0-9]{1,6}}.png", problem_errors(routes.get_image), allow_head=False)
+    router.add_get(r"/images/{jobId}/{index:[0-9]{1,6}}.png", problem_errors(routes.get_image))

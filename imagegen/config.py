@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .providers import ProviderSettings
+from .providers.local_art import ANIMALS as LOCAL_ANIMALS
 from .settings_base import ConfigError, Section  # ConfigError: callers catch it from here
 
 ENV_PREFIX = "IMAGEGEN_"
@@ -86,12 +87,29 @@ class EventSettings(Section):
 class Settings(Section):
     """Every setting of the service; see config.toml for what each one means."""
 
+    # Validate the default sections too, so the checks across sections below run without them.
+    model_config = Section.model_config | {"validate_default": True}
+
     server: ServerSettings = ServerSettings()
     storage: StorageSettings = StorageSettings()
     workers: WorkerSettings = WorkerSettings()
     jobs: JobSettings = JobSettings()
     provider: ProviderSettings = ProviderSettings()
     events: EventSettings = EventSettings()
+
+    @field_validator("provider")
+    @classmethod
+    def _animals_drawable(cls, provider: ProviderSettings, info: ValidationInfo) -> ProviderSettings:
+        # jobs is validated before provider (field order); absent if it was itself invalid.
+        jobs = info.data.get("jobs")
+        if provider.name == "local" and jobs is not None:
+            unknown = [animal for animal in jobs.animals if animal not in LOCAL_ANIMALS]
+            if unknown:
+                raise ValueError(
+                    f"the local provider cannot draw jobs.animals {', '.join(map(repr, unknown))}; "
+                    f"it draws {', '.join(LOCAL_ANIMALS)}"
+                )
+        return provider
 
     @property
     def database_path(self) -> Path:

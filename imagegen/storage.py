@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from aiohttp import web
+
+from .errors import StartupError
 
 
 class ImageStore:
@@ -35,6 +38,25 @@ class ImageStore:
     def path(self, relative: str) -> Path:
         """The file behind a path the database recorded."""
         return self._data_dir / relative
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """Make sure images can be stored under `data_dir` (creating it), or raise StartupError.
+
+    Run at start-up, so that a directory that cannot be created or written stops the service
+    with one line instead of failing every job later.
+    """
+    images = data_dir / "images"
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"cannot create the data directory {data_dir}: {exc.strerror or exc}") from None
+    try:
+        images.mkdir(exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=images, prefix=".probe-", suffix=".tmp"):
+            pass
+    except OSError as exc:
+        raise StartupError(f"cannot write in the data directory {data_dir}: {exc.strerror or exc}") from None
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -58,9 +58,15 @@ async def test_keys_are_kept_a_day_then_pruned(client: TestClient, database: Tes
     # A pass 23h59m from now prunes keys older than a day then, i.e. older than 60 s now: it keeps this one.
     await prune(client, keys_older_than_s=60)
     assert len(database.rows("SELECT key FROM idempotency_keys")) == 1
-    # A pass 24h01m from now prunes keys made before 60 s from now: this one goes.
-    await prune(client, keys_older_than_s=-60)
-    assert database.rows("SELECT key FROM idempotency_keys") == []
+    # A pass 24h01m from now prunes keys made before 60 s from now: this one goes. On PostgreSQL
+    # a pass finding the background one at work (its first runs at start-up) leaves it to that
+    # one, so the test passes again until a pass of its own has run.
+    async def pruned() -> None:
+        while database.rows("SELECT key FROM idempotency_keys"):
+            await prune(client, keys_older_than_s=-60)
+            await asyncio.sleep(0.05)  # polling interval, bounded by wait_for
+
+    await asyncio.wait_for(pruned(), 10)
 
 
 async def test_a_full_queue_answers_429_and_writes_nothing(make_client, database: TestDatabase) -> None:

@@ -143,8 +143,12 @@ async def test_retries_give_up_after_max_attempts(make_client) -> None:
     assert "gave up after 3 attempts" in job["error"]["message"]
 
 
-async def test_a_non_retryable_failure_fails_at_once(make_client) -> None:
-    client = await make_client(jobs={"animals": ["unicorn"], "max_attempts": 5})
+async def test_a_non_retryable_failure_fails_at_once(make_client, monkeypatch) -> None:
+    from imagegen.providers import local
+
+    # The provider forgets an animal the settings accepted: its refusal is not retryable.
+    monkeypatch.setattr(local, "ANIMALS", tuple(animal for animal in local.ANIMALS if animal != "owl"))
+    client = await make_client(jobs={"animals": ["owl"], "max_attempts": 5})
     job = await wait_for_status(client, await create_job(client), TERMINAL)
     assert job["status"] == "failed" and job["attempts"] == 1 and job["error"]["retryable"] is False
 

@@ -8,6 +8,8 @@ import sqlite3
 import pytest
 from aiohttp.test_utils import TestClient
 
+from imagegen.providers import local
+
 from .conftest import TestDatabase, create_job, wait_for_status
 
 
@@ -23,14 +25,17 @@ async def test_many_jobs_all_complete_with_a_small_pool(make_client, database: T
     assert sorted(e["job_id"] for e in events) == sorted(ids)
 
 
-async def test_provider_error_fails_the_job_and_the_worker_goes_on(make_client) -> None:
-    client = await make_client(workers={"count": 1}, jobs={"animals": ["cat", "unicorn"]})
-    bad = await create_job(client, animal="unicorn")
+async def test_provider_error_fails_the_job_and_the_worker_goes_on(make_client, monkeypatch) -> None:
+    # The settings refuse animals the local provider cannot draw, so the provider is made to
+    # forget one of its animals after they were checked: its own refusal, per job, is what is tested.
+    monkeypatch.setattr(local, "ANIMALS", tuple(animal for animal in local.ANIMALS if animal != "owl"))
+    client = await make_client(workers={"count": 1}, jobs={"animals": ["cat", "owl"]})
+    bad = await create_job(client, animal="owl")
     good = await create_job(client, animal="cat")
     failed = await wait_for_status(client, bad, {"failed", "completed"})
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "unknown_animal" and failed["error"]["retryable"] is False
-    assert "unicorn" in failed["error"]["message"]
+    assert "owl" in failed["error"]["message"]
     assert failed["imageUrls"] == [] and failed["completedAt"]
     assert (await wait_for_status(client, good, {"failed", "completed"}))["status"] == "completed"
 

@@ -27,6 +27,13 @@ Ask for images, get a job id at once, and follow the job until its images are st
 
 Every error is `application/problem+json` (RFC 9457). A method a path does not accept is
 answered 405 with an `Allow` header.
+
+Every GET operation also answers HEAD (RFC 9110): the same status and headers, no body. HEAD on
+an event stream answers its headers without opening the stream.
+
+Query parameters an operation does not list are ignored, on every operation alike (a
+cache-buster such as `?_=1700000000` is harmless). A listed parameter given twice, or with an
+invalid value, is refused with 422.
 """
 
 # The only files under /docs/assets, with where the package keeps them: a name from the URL
@@ -171,9 +178,9 @@ def _version() -> str:
 def add_docs(app: web.Application) -> None:
     """Register the documentation routes, and build the document when the app starts."""
     router = app.router
-    router.add_get("/openapi.json", problem_errors(openapi_json), allow_head=False)
-    router.add_get("/docs", problem_errors(swagger_ui), allow_head=False)
-    router.add_get("/redoc", problem_errors(redoc), allow_head=False)
+    router.add_get("/openapi.json", problem_errors(openapi_json))
+    router.add_get("/docs", problem_errors(swagger_ui))
+    router.add_get("/redoc", problem_errors(redoc))
     names = "|".join(map(re.escape, ASSETS))
-    router.add_get(f"/docs/assets/{{name:{names}}}", problem_errors(docs_asset), allow_head=False)
+    router.add_get(f"/docs/assets/{{name:{names}}}", problem_errors(docs_asset))
     app.on_startup.append(_build_document)

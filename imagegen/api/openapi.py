@@ -312,11 +312,21 @@ def _operation(handler: Any, operation: Operation, schemas: _Schemas, settings: 
     return result
 
 
+def _implicit_head(route: web.AbstractRoute) -> bool:
+    """A HEAD route that add_get made beside a GET of the same handler: HEAD is GET without the
+    body (RFC 9110), implied by the GET operation, so it is no operation of its own here."""
+    if route.method != "HEAD" or route.resource is None:
+        return False
+    return any(other.method == "GET" and other.handler is route.handler for other in route.resource)
+
+
 def build_document(app: web.Application, *, title: str, version: str, description: str) -> dict[str, Any]:
     """The OpenAPI 3.0 document of every route of `app` whose handler was decorated with `operation`."""
     settings = app[SETTINGS]
     routes = [
-        (route, found) for route in app.router.routes() if (found := documented_operation(route.handler))
+        (route, found)
+        for route in app.router.routes()
+        if not _implicit_head(route) and (found := documented_operation(route.handler))
     ]
     parameter_models = {
         model for _, found in routes for model in (found.path, found.query, found.headers) if model is not None

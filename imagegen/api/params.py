@@ -23,10 +23,19 @@ def base_url(request: web.Request) -> str:
     return request.app[PUBLIC_URL] or f"{request.scheme}://{request.host}"
 
 
-def single_query(request: web.Request) -> dict[str, str]:
-    """The query parameters, each given at most once (a repeated one is refused, not guessed at)."""
+def query_names(model: type[BaseModel]) -> frozenset[str]:
+    """The query parameter names a model declares (its aliases)."""
+    return frozenset(field.alias or name for name, field in model.model_fields.items())
+
+
+def single_query(request: web.Request, known: frozenset[str]) -> dict[str, str]:
+    """The `known` query parameters, each given at most once (a repeated one is refused, not
+    guessed at). Any other parameter is ignored, on every route alike: cache-busters such as
+    `_=1700000000` are common, and a client adding one must not be refused."""
     query: dict[str, str] = {}
     for key, value in request.query.items():
+        if key not in known:
+            continue
         if key in query:
             raise InvalidRequest(
                 f"query parameter {key} is given more than once",

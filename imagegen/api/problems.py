@@ -211,4 +211,6 @@ async def _no_route(request: web.Request) -> web.StreamResponse:
 def add_fallback_route(router: web.UrlDispatcher) -> None:
     """The last route: a path or method nothing else serves gets 404 or 405 as problem+json
     (without it, aiohttp's router would answer those in plain text). Its method is "*"."""
-    router.add_route("*", "/{path:.*}", problem_errors(_no_route))
+    # [\s\S], not ".": a path whose decoded text holds a newline (/docs/assets/a%0Ab) must
+    # reach this route too, not aiohttp's plain-text 404.
+    router.add_route("*", r"/{path:[\s\S]*}", problem_errors(_no_route))

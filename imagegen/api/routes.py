@@ -27,6 +27,7 @@ from .params import (
     decode_cursor,
     encode_cursor,
     parse_job_id,
+    query_names,
     single_query,
 )
 from .problems import InvalidRequest, MalformedRequest, NotFound, UnsupportedMediaType, invalid_fields
@@ -48,7 +49,8 @@ def _digits(value: object) -> object:
 class ListQuery(BaseModel):
     """Query parameters of GET /generations."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown parameters never reach the model (single_query drops them); "ignore" says so.
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     limit: Annotated[int, Field(ge=1, le=200), BeforeValidator(_digits)] = Field(
         default=50, description="How many jobs per page."
@@ -57,6 +59,9 @@ class ListQuery(BaseModel):
         default=None, description="The nextCursor of the previous page; absent for the first page."
     )
     status: JobStatus | None = Field(default=None, description="Only jobs in this status.")
+
+
+LIST_QUERY_NAMES = query_names(ListQuery)
 
 
 class ImageHeaders(BaseModel):
@@ -252,7 +257,7 @@ async def delete_generation(request: web.Request) -> web.Response:
 async def list_generations(request: web.Request) -> web.Response:
     """GET /generations: newest first, a page at a time."""
     try:
-        params = ListQuery.model_validate(single_query(request))
+        params = ListQuery.model_validate(single_query(request, LIST_QUERY_NAMES))
     except ValidationError as exc:
         raise invalid_fields(exc, "query") from None
     service = request.app[JOBS]

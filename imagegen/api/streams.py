@@ -17,7 +17,7 @@ from ..jobs import JOBS
 from ..models import Job
 from ..store import STORE, JobEvent
 from .openapi import Reply, operation
-from .params import JobPath, base_url, parse_job_id, single_query
+from .params import JobPath, base_url, parse_job_id, query_names, single_query
 from .problems import invalid_fields
 from .render import event_frame, job_json
 
@@ -40,7 +40,8 @@ class _StreamEnded(Exception):
 class StreamQuery(BaseModel):
     """Query parameters of the event streams."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Unknown parameters never reach the model (single_query drops them); "ignore" says so.
+    model_config = ConfigDict(extra="ignore")
 
     last_event_id: str | None = Field(
         default=None,
@@ -48,6 +49,18 @@ class StreamQuery(BaseModel):
         pattern=EVENT_ID_PATTERN,
         description="Resume after this event id, for clients that cannot send Last-Event-ID.",
     )
+
+
+STREAM_QUERY_NAMES = query_names(StreamQuery)
+
+# What a stream's response carries before its first byte of body: a HEAD is answered with these
+# (the same as EventSourceResponse sets), without a stream being opened.
+_STREAM_HEADERS = {
+    "Content-Type": EVENT_STREAM,
+    "Cache-Control": "no-cache",
+    "Connection": "keep-alive",
+    "X-Accel-Buffering": "no",
+}
 
 
 class Event(BaseModel):
@@ -83,7 +96,7 @@ def _last_event_id(request: web.Request) -> int | None:
     """The id to resume after: the Last-Event-ID header (EventSource sets it on reconnect),
     else ?lastEventId= for clients that cannot set headers. Both are checked when both come."""
     try:
-        query = StreamQuery.model_validate(single_query(request))
+        query = StreamQuery.model_validate(single_query(request, STREAM_QUERY_NAMES))
     except ValidationError as exc:
         raise invalid_fields(exc, "query") from None
     header = request.headers.get("Last-Event-ID")
@@ -112,7 +125,9 @@ class _Stream:
         self.jobs = request.app[JOBS]
         self.sent = 0
         self.response = EventSourceResponse(ping_interval=settings.heartbeat_s)
-        self._retry_ms = settings.retry_ms
+        # `retry:` goes out in the same block as the first event, never alone: a block with a
+        # retry field and no data is an event of its own to some clients (httpx-sse yields it).
+        self._retry = f"retry: {settings.retry_ms}\n".encode()
         self._watcher: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
@@ -128,7 +143,12 @@ class _Stream:
         # idle stream learns its client is gone, and it must then stop waiting for events.
         self._watcher = asyncio.create_task(self.response.wait(), name="imagegen-stream-watcher")
         self._watcher.add_done_callback(lambda _: self.subscription.close("disconnected"))
-        await self.response.write(f"retry: {self._retry_ms}\n\n".encode())
+
+    async def write(self, frames: bytes) -> None:
+        """Write whole event blocks; the first write leads with the `retry:` field."""
+        if self._retry:
+            frames, self._retry = self._retry + frames, b""
+        await self.response.write(frames)
 
     async def watcher_done(self) -> None:
         if self._watcher is not None:
@@ -136,11 +156,11 @@ class _Stream:
 
     async def send(self, event: JobEvent) -> None:
         if event.seq > self.sent:
-            await self.response.write(event_frame(event, self.base, self.jobs.queue_position(event.job_id)))
+            await self.write(event_frame(event, self.base, self.jobs.queue_position(event.job_id)))
             self.sent = event.seq
 
     async def send_plain(self, name: str, data: dict[str, Any], seq: int | None = None) -> None:
-        await self.response.write(_plain_frame(name, data, seq))
+        await self.write(_plain_frame(name, data, seq))
         if seq is not None:
             self.sent = seq
 
@@ -148,7 +168,7 @@ class _Stream:
         """A job's current state, as `job.state`. It carries no id (ids belong to committed
         events): the caller sends an event with one first (reset or ready)."""
         data = job_json(job, self.base, self.jobs.queue_position(job.job_id))
-        await self.response.write(b"event: job.state\ndata: %s\n\n" % data)
+        await self.write(b"event: job.state\ndata: %s\n\n" % data)
 
     async def live(self, stop_after_terminal: bool) -> None:
         """Forward live events until the subscription closes (shutdown, disconnect, overflow)."""
@@ -160,10 +180,10 @@ class _Stream:
                 frames.append(event_frame(event, self.base, self.jobs.queue_position(event.job_id)))
                 self.sent = event.seq
                 if stop_after_terminal and event.terminal:
-                    await self.response.write(b"".join(frames))
+                    await self.write(b"".join(frames))
                     return
             if frames:
-                await self.response.write(b"".join(frames))
+                await self.write(b"".join(frames))
 
     async def reset(self, latest: int, reason: str) -> None:
         """The client's id is beyond what we retain: say so, and move it to `latest`."""
@@ -171,6 +191,10 @@ class _Stream:
 
 
 async def _serve(stream: _Stream, body: Any) -> web.StreamResponse:
+    if stream.request.method == "HEAD":
+        # RFC 9110: HEAD answers what GET would, without the body. GET's checks (the query,
+        # Last-Event-ID, the job's existence, 204) have run; a stream is never opened.
+        return web.Response(headers=_STREAM_HEADERS)
     try:
         await stream.open()
         await body(stream)

@@ -9,6 +9,7 @@ change follows.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from aiohttp import web
 from ..config import SETTINGS, Settings
 from ..feed import FEED, Feed
 from ..models import TERMINAL, Job, JobStatus
+from ..storage import check_data_dir
 
 
 class JobEvent:
@@ -177,7 +179,11 @@ async def open_store(settings: Settings, feed: Feed) -> JobStore:
 
 async def store_context(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: the store is open while the app runs, and closes last."""
-    store = await open_store(app[SETTINGS], app[FEED])
+    settings = app[SETTINGS]
+    # The image directory first: the store is the first resource to open, and on SQLite the
+    # database lives there too. Each failure is one StartupError, with nothing left open.
+    await asyncio.to_thread(check_data_dir, settings.storage.data_dir)
+    store = await open_store(settings, app[FEED])
     app[STORE] = store
     # In a finally: when a later context fails at start-up, aiohttp skips this cleanup and
     # run_app only closes the suspended generator; without it, open connections' threads

@@ -14,12 +14,14 @@ and a starting process may treat every processing job as abandoned.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import aiosqlite
 
@@ -36,9 +38,9 @@ T = TypeVar("T")
 WriteOp = Callable[[sqlite3.Connection], Any]
 Finish = Callable[[Any], tuple[Any, Sequence[JobEvent]]]
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-# Version 1 is the shipped schema.sql; each later version is one file in migrations/sqlite.
-SCHEMA_V1 = ROOT / "schema.sql"
+# Version 1 is the top-level schema.sql, read through imagegen/store/schema.sql (a symlink to it in
+# a checkout, a copy in an installed wheel); each later version is one file in migrations/sqlite.
+SCHEMA_V1 = Path(__file__).resolve().parent / "schema.sql"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations" / "sqlite"
 
 # Upper bound on ops in one transaction, so one huge burst cannot hold the write lock for long.
@@ -180,10 +182,15 @@ ON CONFLICT (key) DO UPDATE SET value = max(value, ?1)
 async def _connect(path: Path) -> aiosqlite.Connection:
     # isolation_level=None: autocommit mode, so transactions are exactly the BEGINs we issue.
     conn = await aiosqlite.connect(path, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    await conn.execute("PRAGMA synchronous = FULL")
-    await conn.execute("PRAGMA busy_timeout = 5000")
-    await conn.execute("PRAGMA foreign_keys = ON")
+    # Closed on any failure: an open connection's thread would keep the process alive.
+    try:
+        conn.row_factory = sqlite3.Row
+        await conn.execute("PRAGMA synchronous = FULL")
+        await conn.execute("PRAGMA busy_timeout = 5000")
+        await conn.execute("PRAGMA foreign_keys = ON")
+    except BaseException:
+        await conn.close()
+        raise
     return conn
 
 
@@ -216,6 +223,9 @@ def _migrate(conn: sqlite3.Connection) -> int:
             for statement in _statements(script):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {version}")
+        # Written even when nothing was to migrate: it proves the file writable at start-up
+        # (SQLite opens a read-only file read-only without a word, and the first write fails).
+        conn.execute(f"PRAGMA user_version = {len(steps)}")
         conn.commit()
     except BaseException:
         conn.rollback()
@@ -244,6 +254,98 @@ async def _on_connection_thread(conn: aiosqlite.Connection, fn: Callable[[sqlite
     the method those public methods use; aiosqlite is pinned, and every test exercises this.
     """
     return await conn._execute(lambda: fn(conn._conn))
+
+
+# --- the data directory's lock and the database file ----------------------------------------
+
+LOCK_FILE = "imagegen.lock"
+
+
+def _lock_data_dir(data_dir: Path) -> IO[bytes]:
+    """Create `data_dir` if needed and take its exclusive lock, with this process's pid in it.
+
+    The lock is held for the store's life (the kernel drops it when the process dies, even by
+    kill -9): a second process on the same data directory would take over the first one's
+    running jobs as abandoned, so it is refused, naming the owner.
+    """
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"cannot create the data directory {data_dir}: {exc.strerror or exc}") from None
+    path = data_dir / LOCK_FILE
+    try:
+        # Not truncated on open: the owner's pid must stay readable until we hold the lock.
+        lock = open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
+    except OSError as exc:
+        raise StartupError(
+            f"cannot write in the data directory {data_dir}: {exc.strerror or exc}"
+        ) from None
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = lock.read(32).decode("ascii", "replace").strip()
+            who = f" (pid {owner})" if owner.isdigit() else ""
+            raise StartupError(
+                f"the data directory {data_dir} is in use by another imagegen process{who}: on SQLite one "
+                "process owns it; stop that one, or give this one another storage.data_dir"
+            ) from None
+        try:
+            lock.truncate(0)
+            lock.write(f"{os.getpid()}\n".encode())
+            lock.flush()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot write in the data directory {data_dir}: {exc.strerror or exc}"
+            ) from None
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+def _create_if_missing(path: Path) -> None:
+    """Make a new, migrated database at `path` if there is none, atomically.
+
+    Built under a temporary name and renamed into place, so that a file at `path` is always a
+    database this service finished making: an empty file there (truncated by accident, say)
+    is then refused instead of being taken for a new database while the jobs are lost.
+    """
+    if path.exists():
+        if path.stat().st_size == 0:
+            raise StartupError(
+                f"the database {path} is an empty file (0 bytes), not a database: restore a backup, "
+                "or move it away to start with a new database"
+            )
+        return
+    tmp = path.with_name(path.name + ".new")
+    for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+        leftover.unlink(missing_ok=True)  # from a start that died while creating it
+    conn = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        conn.execute("PRAGMA synchronous = FULL")
+        _migrate(conn)
+    finally:
+        conn.close()  # the last connection: the WAL is checkpointed into the file and removed
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a crash
+    finally:
+        os.close(directory)
+
+
+def _database_problem(path: Path, exc: sqlite3.Error) -> str:
+    message = str(exc)
+    if "readonly" in message or "read-only" in message:
+        return f"cannot write the database {path}: {message}"
+    if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+        # "file is not a database", "database disk image is malformed": corrupt or truncated.
+        return (
+            f"the database {path} is unreadable ({message}): it is corrupt or not an imagegen database; "
+            "restore a backup, or move it away to start with a new database"
+        )
+    return f"cannot open the database {path}: {message}"
 
 
 # --- the group-committing writer ------------------------------------------------------------
@@ -284,8 +386,11 @@ class SQLiteStore:
     backend = "sqlite"
     feed_is_synchronous = True
 
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, feed: Feed) -> None:
+    def __init__(
+        self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, feed: Feed, lock: IO[bytes]
+    ) -> None:
         self._writer = writer
+        self._lock = lock
         self._reader = reader
         self._feed = feed
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
@@ -293,32 +398,51 @@ class SQLiteStore:
 
     @classmethod
     async def open(cls, path: Path, feed: Feed) -> SQLiteStore:
-        """Open (creating if needed) the database at `path` and migrate it to the newest schema."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        writer = await _connect(path)
+        """Open (creating if needed) the database at `path` and migrate it to the newest schema.
+
+        Holds the data directory's lock (imagegen.lock) until close: one process owns the file.
+        Every failure is a StartupError in one line, with nothing left open.
+        """
+        lock = await asyncio.to_thread(_lock_data_dir, path.parent)
+        writer = reader = None
         try:
-            await _on_connection_thread(writer, _migrate)
-            reader = await _connect(path)
+            try:
+                await asyncio.to_thread(_create_if_missing, path)
+                writer = await _connect(path)
+                await _on_connection_thread(writer, _migrate)
+                reader = await _connect(path)
+                store = cls(writer, reader, feed, lock)
+                latest, _ = await store.horizon()
+            except sqlite3.Error as exc:
+                raise StartupError(_database_problem(path, exc)) from None
+            except OSError as exc:
+                raise StartupError(f"cannot open the database {path}: {exc.strerror or exc}") from None
         except BaseException:
-            await writer.close()
+            for conn in (reader, writer):
+                if conn is not None:
+                    await conn.close()
+            lock.close()
             raise
-        store = cls(writer, reader, feed)
-        latest, _ = await store.horizon()
         feed.last_seq = latest
         store._task = asyncio.create_task(store._write_loop(), name="imagegen-db-writer")
         return store
 
     async def close(self) -> None:
-        """Finish every queued write, then close both connections."""
-        if self._task is not None:
-            await self._queue.join()
-            self._task.cancel()
+        """Finish every queued write, then close both connections and release the lock."""
+        try:
+            if self._task is not None:
+                await self._queue.join()
+                self._task.cancel()
+                try:
+                    await self._task
+                except asyncio.CancelledError:
+                    pass
+        finally:
             try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        await self._reader.close()
-        await self._writer.close()
+                await self._reader.close()
+                await self._writer.close()
+            finally:
+                self._lock.close()  # closing the file releases the flock
 
     async def _write(self, op: WriteOp, finish: Finish = _no_events) -> Any:
         """Run `op(connection)` in the next group commit; once committed, return its result
