@@ -119,28 +119,50 @@ def _not_before(event: JobEvent) -> str | None:
     return json.loads(event.snapshot).get("not_before")
 
 
-class LocalDispatcher:
+class _FeedFollower:
+    """What both dispatchers keep from the feed: the queue index, and timers for retries'
+    backoffs; `_on_events` is each one's own reaction to a batch."""
+
+    def __init__(self, feed: Feed) -> None:
+        self._feed = feed
+        self.index = QueueIndex()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+
+    def _follow(self) -> None:
+        self._feed.subscribe(self.index.on_events)
+        self._feed.subscribe(self._on_events)
+
+    def _on_events(self, events: Sequence[JobEvent]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop following the feed and forget scheduled retries (they are pending in the
+        database: the next start, or another node, takes them up)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._feed.unsubscribe(self._on_events)
+        self._feed.unsubscribe(self.index.on_events)
+
+
+class LocalDispatcher(_FeedFollower):
     """SQLite: the queue of job ids is an asyncio.Queue, and the one process owns every job."""
 
     counts_in_database = False
 
     def __init__(self, store: JobStore, feed: Feed, settings: Settings) -> None:
+        super().__init__(feed)
         self._store = store
-        self._feed = feed
         self._max_recoveries = settings.jobs.max_recoveries
-        self.index = QueueIndex()
         # Job ids waiting for a worker. The database is the truth: this queue is rebuilt
         # from the pending jobs at every start.
         self.queue: asyncio.Queue[str] = asyncio.Queue()
-        # Retries waiting out their backoff before they are queued again.
-        self._timers: dict[str, asyncio.TimerHandle] = {}
 
     async def start(self) -> None:
         # Alone on the file, so whatever is processing was running when the process died.
         # Handed back before subscribing: the pending jobs read next include those.
         await self._store.recover(self._max_recoveries)
-        self._feed.subscribe(self.index.on_events)
-        self._feed.subscribe(self._on_events)
+        self._follow()
         for job in await self.index.load(self._store):
             self._enqueue(job.job_id, job.not_before)
 
@@ -182,32 +204,21 @@ class LocalDispatcher:
     def job_done(self) -> None:
         self.queue.task_done()
 
-    def close(self) -> None:
-        """Forget scheduled retries (they are pending in the database and resume at start-up)."""
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
-        self._feed.unsubscribe(self._on_events)
-        self._feed.unsubscribe(self.index.on_events)
 
-
-class DatabaseDispatcher:
+class DatabaseDispatcher(_FeedFollower):
     """PostgreSQL: the database decides who draws what; the feed wakes idle workers."""
 
     counts_in_database = True
 
     def __init__(self, store: PostgresStore, feed: Feed, settings: Settings) -> None:
+        super().__init__(feed)
         self._store = store
-        self._feed = feed
-        self.index = QueueIndex()
         self._wake = asyncio.Event()
-        self._timers: dict[str, asyncio.TimerHandle] = {}
 
     async def start(self) -> None:
         # No recovery here: jobs another node is drawing carry its live lease; the rescuer
         # (maintenance.py) hands back only jobs whose lease expired.
-        self._feed.subscribe(self.index.on_events)
-        self._feed.subscribe(self._on_events)
+        self._follow()
         await self.index.load(self._store)
         self._wake.set()
 
@@ -235,13 +246,6 @@ class DatabaseDispatcher:
 
     def job_done(self) -> None:
         pass
-
-    def close(self) -> None:
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
-        self._feed.unsubscribe(self._on_events)
-        self._feed.unsubscribe(self.index.on_events)
 
 
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
