@@ -36,7 +36,7 @@ def _second_text(seconds: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
-# Stored in SQLite already in the API's format (ISO 8601 UTC, milliseconds, Z), so a job goes
+# Stored in both databases already in the API's format (ISO 8601 UTC, milliseconds, Z), so a job goes
 # from row to JSON without parsing and re-formatting every timestamp on every read.
 Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 
