@@ -5,6 +5,8 @@
                                                      # as root) where missing, then run the test suite
     python3 tasks.py lock [pip-compile options...]   # refresh requirements.lock and requirements-test.lock
                                                      # from pyproject.toml (e.g. --upgrade: newest allowed)
+    python3 tasks.py new-key NAME [MAX_PENDING]      # a new random API key for [auth] keys, and the line to paste
+    python3 tasks.py new-secret                      # a new random secret for [auth] secret_env's variable
     python3 tasks.py --help                          # this text
 
 What is installed is what the lock files name, every transitive dependency pinned with its hashes,
@@ -19,6 +21,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -190,9 +194,34 @@ def write_file(path: Path, text: str) -> None:
     path.write_text(text)
 
 
+def new_key(argv: list[str]) -> int:
+    """Print a new API key (shown once: only its hash is kept) and its [auth] keys entry.
+
+    The same key format and hash as imagegen/auth.py (new_key, key_hash), written out here because
+    this runs without .venv; tests/test_tasks.py checks that the printed entry authenticates the key.
+    """
+    if len(argv) not in (1, 2) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", argv[0]) or (
+        len(argv) == 2 and not (argv[1].isdigit() and int(argv[1]) >= 1)
+    ):
+        print("usage: python3 tasks.py new-key NAME [MAX_PENDING]  (NAME: letters, digits, . _ -; up to 64)",
+              file=sys.stderr)
+        return 2
+    key = "ig_" + secrets.token_urlsafe(32)
+    limit = f", max_pending = {int(argv[1])}" if len(argv) == 2 else ""
+    entry = f'{{ name = "{argv[0]}", hash = "sha256:{hashlib.sha256(key.encode()).hexdigest()}"{limit} }}'
+    print(f"key (give it to the client; it is not stored anywhere): {key}")
+    print(f"add to [auth] keys in config.toml:  {entry}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
+        return 0
+    if argv[:1] == ["new-key"]:
+        return new_key(argv[1:])
+    if argv[:1] == ["new-secret"]:
+        print(secrets.token_urlsafe(32))
         return 0
     if argv[:1] == ["lock"]:
         return lock(argv[1:])

@@ -6,10 +6,11 @@ from typing import Literal
 
 from aiohttp import web
 
-from .api import page, routes, streams
+from .api import auth, page, routes, streams
 from .api.docs import add_docs
 from .api.params import PUBLIC_URL
 from .api.problems import add_fallback_route, problem_errors
+from .auth import credentials_context
 from .config import SETTINGS, Settings
 from .dispatch import dispatcher_context
 from .events import broadcaster_context, end_streams
@@ -34,7 +35,9 @@ MAX_BODY_BYTES = 16 * 1024
 
 def create_app(settings: Settings, role: Role = "all") -> web.Application:
     """Build the app; its resources open on startup and close in reverse order on cleanup."""
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    # With auth off there is no middleware: every request would pay for it (see api/auth.py).
+    middlewares = [auth.authenticate] if settings.auth.enabled else []
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     app[SETTINGS] = settings
     app[FEED] = Feed()
     app[IMAGES] = ImageStore(settings.storage.data_dir)
@@ -42,6 +45,8 @@ def create_app(settings: Settings, role: Role = "all") -> web.Application:
     app[PUBLIC_URL] = settings.server.public_url
     # Order matters: each context needs the ones before it, and they unwind in reverse, so
     # the workers stop before the provider closes and the store closes last.
+    if settings.auth.enabled:
+        app.cleanup_ctx.append(credentials_context)  # first: a missing secret stops start-up before any I/O
     app.cleanup_ctx.append(store_context)
     app.cleanup_ctx.append(dispatcher_context)
     app.cleanup_ctx.append(jobs_context)
@@ -55,6 +60,8 @@ def create_app(settings: Settings, role: Role = "all") -> web.Application:
         app.cleanup_ctx.append(page.page_context)
         app.on_shutdown.append(end_streams)
         _add_routes(app.router)
+        if settings.auth.enabled:
+            app.router.add_post("/tokens", problem_errors(auth.create_token))
         add_docs(app)
     add_fallback_route(app.router)  # last: it takes whatever the others do not
     return app

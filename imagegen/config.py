@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +17,9 @@ from .providers.local_art import ANIMALS as LOCAL_ANIMALS
 from .settings_base import ConfigError, Section  # ConfigError: callers catch it from here
 
 ENV_PREFIX = "IMAGEGEN_"
+# IMAGEGEN_* variables that are not settings: the default name of [auth] secret_env's variable,
+# and the test suite's database. Any other IMAGEGEN_ name without a __ is a typo, refused.
+NOT_SETTINGS = frozenset({"IMAGEGEN_SECRET", "IMAGEGEN_TEST_DATABASE_URL"})
 
 
 class ServerSettings(Section):
@@ -84,6 +88,47 @@ class EventSettings(Section):
     retry_ms: Annotated[int, Field(ge=0)] = 2000
 
 
+class ApiKeySettings(Section):
+    """One client application's API key: its tenant name, and the SHA-256 of the key's text."""
+
+    # The name is the tenant: it owns the jobs made with this key, and appears in logs.
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    # Never the key itself: "sha256:" and the hex SHA-256 of it (python3 tasks.py new-key prints both).
+    hash: str
+    # This tenant's own backlog limit (429 beyond it); None: only workers.max_pending applies.
+    max_pending: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("hash")
+    @classmethod
+    def _sha256(cls, value: str) -> str:
+        # The value is not echoed: a key pasted here by mistake must not reach a log.
+        if not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", value):
+            raise ValueError('must be "sha256:" and the 64 hex digits of the key\'s SHA-256 (python3 tasks.py new-key NAME)')
+        return value.lower()
+
+
+class AuthSettings(Section):
+    enabled: bool = False
+    keys: tuple[ApiKeySettings, ...] = ()
+    # The NAME of the environment variable holding the secret that signs stream tokens and
+    # image URLs (at least 32 characters; every node of a cluster needs the same one).
+    secret_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = "IMAGEGEN_SECRET"
+    token_ttl_s: Annotated[float, Field(ge=1, le=86_400)] = 300.0
+    image_url_ttl_s: Annotated[float, Field(ge=1, le=7 * 86_400)] = 3600.0
+
+    @model_validator(mode="after")
+    def _keys(self) -> AuthSettings:
+        if self.enabled and not self.keys:
+            raise ValueError("auth is enabled but no keys are configured (python3 tasks.py new-key NAME makes one)")
+        for what in ("name", "hash"):
+            values = [getattr(key, what) for key in self.keys]
+            repeated = sorted({value for value in values if values.count(value) > 1})
+            if repeated:
+                shown = ", ".join(repeated) if what == "name" else "two keys have the same hash"
+                raise ValueError(f"keys: every key needs its own {what} ({shown})")
+        return self
+
+
 class Settings(Section):
     """Every setting of the service; see config.toml for what each one means."""
 
@@ -96,6 +141,7 @@ class Settings(Section):
     jobs: JobSettings = JobSettings()
     provider: ProviderSettings = ProviderSettings()
     events: EventSettings = EventSettings()
+    auth: AuthSettings = AuthSettings()
 
     @field_validator("provider")
     @classmethod
@@ -130,7 +176,7 @@ def _env_value(raw: str) -> Any:
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name in NOT_SETTINGS:
             continue
         # IMAGEGEN_PROVIDER__OPENAI__BASE_URL names [provider.openai] base_url.
         *sections, key = name[len(ENV_PREFIX):].lower().split("__")

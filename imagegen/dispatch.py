@@ -1,12 +1,15 @@
 """The dispatcher: which job a free worker takes next, queue positions, and the pending count.
 
 Two implementations, chosen by the backend:
-- LocalDispatcher (SQLite, one process): an asyncio.Queue of job ids, filled from the feed
-  and, at start-up, from the pending jobs (after handing back what a crash left processing);
-  retry backoffs wait on timers.
-- DatabaseDispatcher (PostgreSQL, many nodes): the database hands out the oldest runnable job
-  (FOR UPDATE SKIP LOCKED); the feed only wakes idle workers, within milliseconds of a commit
-  on any node, and a short poll covers a wake-up that was missed.
+- LocalDispatcher (SQLite, one process): an asyncio.Queue of job ids (a TenantQueue: tenants
+  take turns), filled from the feed and, at start-up, from the pending jobs (after handing back
+  what a crash left processing); retry backoffs wait on timers.
+- DatabaseDispatcher (PostgreSQL, many nodes): the database hands out the next runnable job,
+  tenants taking turns (FOR UPDATE SKIP LOCKED); the feed only wakes idle workers, within
+  milliseconds of a commit on any node, and a short poll covers a wake-up that was missed.
+
+Fairness is the same on both: round-robin over the tenants that have runnable jobs, oldest
+first within a tenant (jobs made with auth off are one tenant of their own).
 
 Both keep a QueueIndex from the feed: every pending job's place in creation order, for queue
 positions (and on SQLite, the count that backpressure checks; on PostgreSQL the create's own
@@ -17,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import suppress
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
@@ -49,18 +53,23 @@ class QueueIndex:
     """
 
     def __init__(self) -> None:
-        self._pending: dict[str, int] = {}
+        self._pending: dict[str, tuple[int, str | None]] = {}  # job id -> (seq, owner)
         self._order: list[int] = []
+        self._by_owner: collections.Counter[str | None] = collections.Counter()
         self._loading: list[JobEvent] | None = None
 
     @property
     def count(self) -> int:
         return len(self._pending)
 
+    def count_of(self, owner: str | None) -> int:
+        """How many of `owner`'s jobs are pending."""
+        return self._by_owner[owner]
+
     def position(self, job_id: str) -> int | None:
         """1 for the next pending job to be claimed; None if the job is not pending."""
-        seq = self._pending.get(job_id)
-        return None if seq is None else bisect.bisect_left(self._order, seq) + 1
+        pending = self._pending.get(job_id)
+        return None if pending is None else bisect.bisect_left(self._order, pending[0]) + 1
 
     async def load(self, store: JobStore) -> list[PendingJob]:
         """Fill the index from the database; returns the pending jobs, oldest first."""
@@ -68,7 +77,7 @@ class QueueIndex:
         try:
             pending, as_of = await store.pending()
             for job in pending:
-                self._track(job.job_id, job.seq, True)
+                self._track(job.job_id, job.seq, job.owner, True)
         finally:
             buffered, self._loading = self._loading, None
         self.on_events([event for event in buffered if event.seq > as_of])
@@ -80,15 +89,19 @@ class QueueIndex:
             self._loading.extend(events)
             return
         for event in events:
-            self._track(event.job_id, event.job_seq, event.pending)
+            self._track(event.job_id, event.job_seq, event.owner, event.pending)
 
-    def _track(self, job_id: str, seq: int, pending: bool) -> None:
+    def _track(self, job_id: str, seq: int, owner: str | None, pending: bool) -> None:
         if pending and job_id not in self._pending:
-            self._pending[job_id] = seq
+            self._pending[job_id] = (seq, owner)
             bisect.insort(self._order, seq)
+            self._by_owner[owner] += 1
         elif not pending and job_id in self._pending:
-            seq = self._pending.pop(job_id)
+            seq, owner = self._pending.pop(job_id)
             del self._order[bisect.bisect_left(self._order, seq)]
+            self._by_owner[owner] -= 1
+            if not self._by_owner[owner]:
+                del self._by_owner[owner]
 
 
 class Dispatcher(Protocol):
@@ -145,6 +158,56 @@ class _FeedFollower:
         self._feed.unsubscribe(self.index.on_events)
 
 
+class _Turns:
+    """Job ids by owner, owners in turn order: the first owner's oldest job goes next, and
+    that owner then waits for every other owner's turn."""
+
+    def __init__(self) -> None:
+        self._owners: collections.OrderedDict[str | None, collections.deque[str]] = collections.OrderedDict()
+        self._size = 0
+
+    def __len__(self) -> int:  # asyncio.Queue's qsize() and empty() use len(self._queue)
+        return self._size
+
+    def __iter__(self) -> Iterator[tuple[str | None, str]]:  # for asyncio.Queue's repr
+        return ((owner, job_id) for owner, waiting in self._owners.items() for job_id in waiting)
+
+    def append(self, owner: str | None, job_id: str) -> None:
+        waiting = self._owners.get(owner)
+        if waiting is None:
+            waiting = self._owners[owner] = collections.deque()  # a new owner takes the last turn
+        waiting.append(job_id)
+        self._size += 1
+
+    def pop_next(self) -> tuple[str | None, str]:
+        owner, waiting = next(iter(self._owners.items()))
+        job_id = waiting.popleft()
+        if waiting:
+            self._owners.move_to_end(owner)
+        else:
+            del self._owners[owner]
+        self._size -= 1
+        return owner, job_id
+
+
+class TenantQueue(asyncio.Queue[tuple[str | None, str]]):
+    """An asyncio.Queue of (owner, job id) that hands out jobs round-robin over owners, and
+    each owner's jobs in the order they were put: one tenant's backlog cannot hold up another's.
+
+    Built the way the standard library builds PriorityQueue and LifoQueue, by replacing the
+    queue's storage (`_queue`) and its hooks, so waiting, task_done and join are asyncio.Queue's own.
+    """
+
+    def _init(self, maxsize: int) -> None:
+        self._queue = _Turns()  # type: ignore[assignment]
+
+    def _put(self, item: tuple[str | None, str]) -> None:
+        self._queue.append(*item)  # type: ignore[call-arg]
+
+    def _get(self) -> tuple[str | None, str]:
+        return self._queue.pop_next()  # type: ignore[attr-defined,no-any-return]
+
+
 class LocalDispatcher(_FeedFollower):
     """SQLite: the queue of job ids is an asyncio.Queue, and the one process owns every job."""
 
@@ -154,9 +217,9 @@ class LocalDispatcher(_FeedFollower):
         super().__init__(feed)
         self._store = store
         self._max_recoveries = settings.jobs.max_recoveries
-        # Job ids waiting for a worker. The database is the truth: this queue is rebuilt
-        # from the pending jobs at every start.
-        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        # Job ids waiting for a worker, by tenant. The database is the truth: this queue is
+        # rebuilt from the pending jobs at every start.
+        self.queue = TenantQueue()
 
     async def start(self) -> None:
         # Alone on the file, so whatever is processing was running when the process died.
@@ -164,34 +227,34 @@ class LocalDispatcher(_FeedFollower):
         await self._store.recover(self._max_recoveries)
         self._follow()
         for job in await self.index.load(self._store):
-            self._enqueue(job.job_id, job.not_before)
+            self._enqueue(job.owner, job.job_id, job.not_before)
 
     def _on_events(self, events: Sequence[JobEvent]) -> None:
         for event in events:
             # Queued from the commit itself, not from the creating request: a request
             # cancelled after its job committed must not leave the job waiting for a restart.
             if event.name in ("job.created", "job.requeued"):
-                self.queue.put_nowait(event.job_id)
+                self.queue.put_nowait((event.owner, event.job_id))
             elif event.name == "job.retrying":
-                self._enqueue(event.job_id, _not_before(event))
+                self._enqueue(event.owner, event.job_id, _not_before(event))
             elif event.terminal and (timer := self._timers.pop(event.job_id, None)):
                 timer.cancel()  # a retry that will never be wanted
 
-    def _enqueue(self, job_id: str, not_before: str | None) -> None:
+    def _enqueue(self, owner: str | None, job_id: str, not_before: str | None) -> None:
         wait_s = _seconds_until(not_before) if not_before else 0.0
         if wait_s <= 0:
-            self.queue.put_nowait(job_id)
+            self.queue.put_nowait((owner, job_id))
             return
 
         def enqueue() -> None:
             self._timers.pop(job_id, None)
-            self.queue.put_nowait(job_id)
+            self.queue.put_nowait((owner, job_id))
 
         self._timers[job_id] = asyncio.get_running_loop().call_later(wait_s, enqueue)
 
     async def next_job(self, owner: str, lease_s: float) -> Job:
         while True:
-            job_id = await self.queue.get()
+            _, job_id = await self.queue.get()
             try:
                 claimed = await self._store.claim(job_id, owner, lease_s)
             except BaseException:

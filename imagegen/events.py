@@ -26,8 +26,9 @@ REPLAY_PAGE = 500
 class Subscription:
     """One stream's bounded buffer of live events, for every job or for one job."""
 
-    def __init__(self, job_id: str | None, limit: int) -> None:
+    def __init__(self, job_id: str | None, limit: int, owner: str | None = None) -> None:
         self.job_id = job_id
+        self.owner = owner  # for every job's stream with auth on: only this tenant's jobs
         self._limit = limit
         self._events: collections.deque[JobEvent] = collections.deque()
         self._ready = asyncio.Event()
@@ -83,46 +84,59 @@ class Broadcaster:
     def __init__(self, buffer: int) -> None:
         self._buffer = buffer
         self._all: set[Subscription] = set()
+        # Every-job subscriptions of one tenant (auth on): they see only its jobs' events.
+        self._by_owner: dict[str, set[Subscription]] = collections.defaultdict(set)
         self._by_job: dict[str, set[Subscription]] = collections.defaultdict(set)
         self._closing = False
 
     @property
     def subscriber_count(self) -> int:
-        return len(self._all) + sum(len(subs) for subs in self._by_job.values())
+        return len(self._all) + sum(len(subs) for groups in (self._by_owner, self._by_job) for subs in groups.values())
 
-    def subscribe(self, job_id: str | None = None) -> Subscription:
-        subscription = Subscription(job_id, self._buffer)
+    def subscribe(self, job_id: str | None = None, owner: str | None = None) -> Subscription:
+        """Follow one job's events, or every job's (of `owner` only, if given)."""
+        subscription = Subscription(job_id, self._buffer, owner)
         if self._closing:
             subscription.close("shutdown")
-        elif job_id is None:
-            self._all.add(subscription)
-        else:
+        elif job_id is not None:
             self._by_job[job_id].add(subscription)
+        elif owner is not None:
+            self._by_owner[owner].add(subscription)
+        else:
+            self._all.add(subscription)
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
         subscription.close("unsubscribed")
-        if subscription.job_id is None:
+        if subscription.job_id is None and subscription.owner is None:
             self._all.discard(subscription)
             return
-        followers = self._by_job.get(subscription.job_id)
+        groups, key = (self._by_job, subscription.job_id) if subscription.job_id is not None else (
+            self._by_owner, subscription.owner
+        )
+        followers = groups.get(key)  # type: ignore[arg-type]
         if followers is not None:
             followers.discard(subscription)
             if not followers:
-                del self._by_job[subscription.job_id]
+                del groups[key]  # type: ignore[arg-type]
 
     def publish(self, events: Sequence[JobEvent]) -> None:
         """Feed listener: fan the batch's events out, in commit order."""
+        by_owner = self._by_owner
         for event in events:
             for subscription in list(self._all):
                 subscription.push(event)
+            if by_owner and event.owner is not None:
+                for subscription in list(by_owner.get(event.owner, ())):
+                    subscription.push(event)
             for subscription in list(self._by_job.get(event.job_id, ())):
                 subscription.push(event)
 
     def close_all(self) -> None:
         """End every subscription (shutdown): their streams finish at once."""
         self._closing = True
-        for subscription in [*self._all, *(s for subs in self._by_job.values() for s in subs)]:
+        groups = (*self._by_owner.values(), *self._by_job.values())
+        for subscription in [*self._all, *(s for subs in groups for s in subs)]:
             subscription.close("shutdown")
 
 
@@ -130,13 +144,16 @@ class ReplayGap(Exception):
     """Retention pruned events a replay still had to send."""
 
 
-async def replay(store: JobStore, seq: int, job_id: str | None = None) -> AsyncIterator[JobEvent]:
-    """Every retained event after `seq` (of one job, if given), page by page, in order.
+async def replay(
+    store: JobStore, seq: int, job_id: str | None = None, owner: str | None = None
+) -> AsyncIterator[JobEvent]:
+    """Every retained event after `seq` (of one job, or of `owner`'s jobs, if given), page by
+    page, in order.
 
     Raises ReplayGap if retention pruned events after `seq` while the replay went on.
     """
     while True:
-        events = await store.events_after(seq, job_id, REPLAY_PAGE)
+        events = await store.events_after(seq, job_id, REPLAY_PAGE, owner)
         _, pruned = await store.horizon()
         if pruned > seq:
             raise ReplayGap(f"events after {seq} were pruned during the replay")

@@ -2,6 +2,10 @@
 
 The store commits each change with its event; the dispatcher hands jobs to the workers; this
 service decides what a client may ask for and raises domain errors when it may not.
+
+Every method takes the caller's `tenant` (None with auth off: every job is visible). A job of
+another tenant, or of none, is not found, exactly as a job that does not exist: a job's owner
+never changes, so checking it before acting on the job is as good as checking it in the write.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from .config import SETTINGS, Settings
 from .dispatch import DISPATCHER, Dispatcher
 from .errors import IdempotencyKeyReused, InvalidJob, JobConflict, JobNotFound, QueueFull
 from .feed import FEED, Feed
+from .auth import Tenant
 from .models import Job, JobStatus, now_text
 from .storage import IMAGES, ImageStore
 from .store import STORE, Idempotency, JobEvent, JobStore, KeyReused, NewJob, QueueLimit
@@ -81,6 +86,7 @@ class JobService:
         self._settings = settings.jobs
         self._max_pending = settings.workers.max_pending
         self._admitting = 0  # creates admitted but not yet committed (counted in memory)
+        self._admitting_of: collections.Counter[str | None] = collections.Counter()  # the same, by tenant
         # The most recently changed jobs, each as its latest committed event, so that polling
         # skips the database. Kept only where the feed hears of a commit before its writer
         # does (SQLite): an entry is then never older than what the database would return.
@@ -119,26 +125,37 @@ class JobService:
         """
         return None if self._recent is None else self._recent.get(job_id)
 
-    async def find(self, job_id: str) -> Job | None:
+    def latest_visible(self, job_id: str, tenant: Tenant | None) -> JobEvent | None:
+        """latest(), if `tenant` may see the job."""
+        latest = self.latest(job_id)
+        return latest if latest is not None and visible(latest.owner, tenant) else None
+
+    async def find(self, job_id: str, tenant: Tenant | None) -> Job | None:
+        """The job, if it exists and `tenant` may see it."""
         latest = self.latest(job_id)
         if latest is not None:
-            return latest.job
-        job = await self._store.get(job_id)
-        # A commit that landed while we read has already put the newer state in _recent; a
-        # job read from its row is not cached (only committed events are), so none is stale.
-        latest = self.latest(job_id)
-        return latest.job if latest is not None else job
+            job: Job | None = latest.job
+        else:
+            job = await self._store.get(job_id)
+            # A commit that landed while we read has already put the newer state in _recent; a
+            # job read from its row is not cached (only committed events are), so none is stale.
+            latest = self.latest(job_id)
+            if latest is not None:
+                job = latest.job
+        return job if job is not None and visible(job.owner, tenant) else None
 
-    async def get(self, job_id: str) -> Job:
-        job = await self.find(job_id)
+    async def get(self, job_id: str, tenant: Tenant | None) -> Job:
+        job = await self.find(job_id, tenant)
         if job is None:
             raise JobNotFound(f"No job has the id {job_id}")
         return job
 
-    async def list(self, limit: int, below_seq: int | None, status: JobStatus | None) -> tuple[list[Job], int | None]:
-        """A page of jobs, newest first, below `below_seq`; and where the next page starts."""
+    async def list(
+        self, limit: int, below_seq: int | None, status: JobStatus | None, tenant: Tenant | None
+    ) -> tuple[list[Job], int | None]:
+        """A page of `tenant`'s jobs, newest first, below `below_seq`; and where the next page starts."""
         # One extra row tells whether there is a next page without a second query.
-        jobs = await self._store.list(below_seq or 2**63 - 1, limit + 1, status)
+        jobs = await self._store.list(below_seq or 2**63 - 1, limit + 1, status, owner_filter(tenant))
         return jobs[:limit], (jobs[limit - 1].seq if len(jobs) > limit else None)
 
     # --- admission -------------------------------------------------------------------------
@@ -149,11 +166,13 @@ class JobService:
         animal: str | None,
         prompt: str | None = None,
         idempotency_key: str | None = None,
+        tenant: Tenant | None = None,
     ) -> Created:
-        """Commit a new pending job (the dispatcher hears of it from the feed).
+        """Commit a new pending job of `tenant`'s (the dispatcher hears of it from the feed).
 
-        With an idempotency key, a repeat of an earlier request returns that request's job
-        instead, and the same key with a different request is refused.
+        With an idempotency key, a repeat of an earlier request (of the same tenant) returns
+        that request's job instead, and the same key with a different request is refused.
+        Beyond workers.max_pending jobs waiting, or the tenant's own max_pending, QueueFull.
         """
         limit = self._settings.max_images_per_job
         if num_images > limit:
@@ -166,20 +185,36 @@ class JobService:
             )
         idempotency = Idempotency(idempotency_key, request_hash(num_images, animal, prompt)) if idempotency_key else None
         in_database = self._dispatcher.counts_in_database
+        owner = tenant.name if tenant is not None else None
+        tenant_limit = tenant.max_pending if tenant is not None else None
         # One process: counted on the event loop, between admission and commit, so concurrent
-        # requests cannot together overshoot max_pending. A repeat of an idempotent request
+        # requests cannot together overshoot a limit. A repeat of an idempotent request
         # creates nothing, so it is not refused for a full queue.
-        if not in_database and self._dispatcher.index.count + self._admitting >= self._max_pending:
-            if not (idempotency_key and await self._store.idempotency_key_job(idempotency_key)):
-                raise self._full(self._dispatcher.index.count)
-        new = NewJob(uuid7(), num_images, animal or random.choice(self._settings.animals), prompt, now_text())
+        if not in_database:
+            index = self._dispatcher.index
+            if index.count + self._admitting >= self._max_pending:
+                full = self._full(index.count)
+            elif tenant_limit is not None and index.count_of(owner) + self._admitting_of[owner] >= tenant_limit:
+                full = self._full(index.count_of(owner), tenant=True)
+            else:
+                full = None
+            if full is not None and not (idempotency_key and await self._store.idempotency_key_job(idempotency_key, owner)):
+                raise full
+        new = NewJob(uuid7(), num_images, animal or random.choice(self._settings.animals), prompt, now_text(), owner)
         self._admitting += 1
+        self._admitting_of[owner] += 1
         try:
-            result = await self._store.create(new, idempotency, self._max_pending if in_database else None)
+            if in_database:
+                result = await self._store.create(new, idempotency, self._max_pending, tenant_limit)
+            else:
+                result = await self._store.create(new, idempotency, None)
         except QueueLimit as exc:
-            raise self._full(exc.pending) from None
+            raise self._full(exc.pending, exc.tenant) from None
         finally:
             self._admitting -= 1
+            self._admitting_of[owner] -= 1
+            if not self._admitting_of[owner]:
+                del self._admitting_of[owner]
         if isinstance(result, KeyReused):
             if not result.same_body:
                 raise IdempotencyKeyReused()
@@ -187,25 +222,29 @@ class JobService:
         return Created(new.job_id)
 
     @staticmethod
-    def _full(pending: int) -> QueueFull:
-        return QueueFull(
-            f"{pending} jobs are waiting, the most this service queues; try again later",
-            retry_after_s=RETRY_AFTER_FULL_S,
+    def _full(pending: int, tenant: bool = False) -> QueueFull:
+        whose = "of yours are waiting, the most this service queues for one API key" if tenant else (
+            "are waiting, the most this service queues"
         )
+        return QueueFull(f"{pending} jobs {whose}; try again later", retry_after_s=RETRY_AFTER_FULL_S)
 
     # --- control ---------------------------------------------------------------------------
 
-    async def cancel(self, job_id: str) -> Job:
+    async def cancel(self, job_id: str, tenant: Tenant | None) -> Job:
         """pending or processing -> canceled (the worker drawing it, on any node, hears of it
         from the feed and stops)."""
+        if tenant is not None:
+            await self.get(job_id, tenant)  # JobNotFound unless it is the tenant's
         event = await self._store.cancel(job_id)
         if event is not None:
             return event.job
-        job = await self.get(job_id)  # JobNotFound if there is no such job
+        job = await self.get(job_id, tenant)  # JobNotFound if there is no such job
         raise JobConflict(f"The job is already {job.status.value}: only pending or processing jobs can be canceled")
 
-    async def delete(self, job_id: str) -> None:
+    async def delete(self, job_id: str, tenant: Tenant | None) -> None:
         """Remove a terminal job and its image files (its events stay until pruned)."""
+        if tenant is not None:
+            await self.get(job_id, tenant)  # JobNotFound unless it is the tenant's
         result = await self._store.delete(job_id)
         if result is None:
             raise JobNotFound(f"No job has the id {job_id}")
@@ -213,6 +252,17 @@ class JobService:
             raise JobConflict(f"The job is {result.value}: cancel it first, or wait until it ends")
         # After the row is gone, so no URL points at files that are going.
         await self._images.delete_job(job_id)
+
+
+def visible(owner: str | None, tenant: Tenant | None) -> bool:
+    """Whether a job owned by `owner` is `tenant`'s to see: with auth off (no tenant) every
+    job is; with auth on only the tenant's own (a job made with auth off is nobody's)."""
+    return tenant is None or owner == tenant.name
+
+
+def owner_filter(tenant: Tenant | None) -> str | None:
+    """The owner a store query is narrowed to: the tenant's name, or None for every job."""
+    return None if tenant is None else tenant.name
 
 
 JOBS = web.AppKey("jobs", JobService)

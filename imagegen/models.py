@@ -6,6 +6,7 @@ import enum
 import functools
 import json
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -45,6 +46,14 @@ JOB_ID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-
 
 # Long enough for a scene description, short enough to keep rows and provider calls small.
 PROMPT_MAX_LENGTH = 500
+
+
+# Makes a job's image URL from its id and the image's index (the HTTP layer supplies it).
+ImageUrl = Callable[[str, int], str]
+
+
+def _relative_image_url(job_id: str, index: int) -> str:
+    return f"/images/{job_id}/{index}.png"
 
 
 class JobStatus(enum.StrEnum):
@@ -132,6 +141,9 @@ class Job(_CamelModel):
 
     # Its place in creation order (the list cursor); not part of the API's JSON.
     seq: int = Field(exclude=True)
+    # The tenant (API key name) that created it; None for a job made with auth off. Internal:
+    # it decides who may see the job, and is never shown.
+    owner: str | None = Field(default=None, exclude=True)
     job_id: str
     status: JobStatus
     num_images: int
@@ -148,10 +160,10 @@ class Job(_CamelModel):
     updated_at: Timestamp
     started_at: Timestamp | None
     completed_at: Timestamp | None
-    def to_json(self, base_url: str, queue_position: int | None = None) -> bytes:
-        """The job as GET /generations/{jobId} shows it, with image URLs under `base_url`
-        and, if it is pending, its current `queue_position`."""
-        context = {"base_url": base_url, "queue_position": queue_position}
+    def to_json(self, image_url: ImageUrl, queue_position: int | None = None) -> bytes:
+        """The job as GET /generations/{jobId} shows it, each image's URL made by `image_url`
+        (job id, index) and, if it is pending, its current `queue_position`."""
+        context = {"image_url": image_url, "queue_position": queue_position}
         return self.model_dump_json(by_alias=True, context=context).encode()
 
     @computed_field  # derived from the stored images, never stored itself
@@ -165,10 +177,10 @@ class Job(_CamelModel):
 
     @field_serializer("images")
     def _image_urls(self, images: tuple[str, ...], info: SerializationInfo) -> list[str]:
-        # The base URL depends on the request (or server.public_url), so it comes in the
-        # serialisation context rather than living in the model.
-        base = (info.context or {}).get("base_url", "")
-        return [f"{base}/images/{self.job_id}/{index}.png" for index in range(len(images))]
+        # The URL depends on the request (its base, and with auth a signature), so it comes in
+        # the serialisation context rather than living in the model.
+        image_url = (info.context or {}).get("image_url", _relative_image_url)
+        return [image_url(self.job_id, index) for index in range(len(images))]
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
@@ -184,8 +196,13 @@ class Job(_CamelModel):
                 message=row["error_message"],
                 retryable=bool(row["error_retryable"]),
             )
+        try:
+            owner = row["owner"]
+        except (KeyError, IndexError):  # an event snapshot from before tenants existed
+            owner = None
         return cls.model_construct(
             seq=row["seq"],
+            owner=owner,
             status=JobStatus(row["status"]),
             job_id=row["id"],
             num_images=row["num_images"],

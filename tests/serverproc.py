@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import urllib.error
 import urllib.request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,6 +97,8 @@ class ServerProcess:
             try:
                 urllib.request.urlopen(f"{self.url}/generations?limit=1", timeout=1).read()
                 return
+            except urllib.error.HTTPError:
+                return  # an answer all the same (401 with auth on): it serves
             except OSError:
                 time.sleep(0.05)  # waiting for the port to open; bounded by the deadline
         raise TimeoutError(f"server did not start: {self.log_text()[-2000:]}")

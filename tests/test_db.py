@@ -130,7 +130,7 @@ async def test_a_created_events_snapshot_is_what_sqlite_would_write(client, tmp_
         (expected,) = conn.execute(
             f"SELECT {_SNAPSHOT} FROM (SELECT seq, id, 'pending' AS status, num_images, animal, prompt, '[]' AS images,"
             " 0 AS attempts, NULL AS error_code, NULL AS error_message, NULL AS error_retryable, created_at,"
-            " created_at AS updated_at, NULL AS started_at, NULL AS completed_at, NULL AS not_before"
+            " created_at AS updated_at, NULL AS started_at, NULL AS completed_at, NULL AS not_before, owner"
             " FROM jobs WHERE id = ?)",
             (job_id,),
         ).fetchone()

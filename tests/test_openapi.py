@@ -75,7 +75,7 @@ async def test_statuses_and_headers_are_documented(client: TestClient) -> None:
     for stream in ("/generations/events", "/generations/{jobId}/events"):
         operation = paths[stream]["get"]
         assert list(operation["responses"]["200"]["content"]) == ["text/event-stream"]
-        assert {p["name"] for p in operation["parameters"] if p["in"] != "path"} == {"lastEventId", "Last-Event-ID"}
+        assert {p["name"] for p in operation["parameters"] if p["in"] != "path"} == {"lastEventId", "Last-Event-ID", "token"}
     assert create["422"]["content"]["application/problem+json"]["schema"] == {"$ref": "#/components/schemas/Problem"}
     image = paths["/images/{jobId}/{index}.png"]["get"]
     assert set(image["responses"]) == {"200", "304", "404", "500"}

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from imagegen.auth import key_hash
+
+from .auth_keys import ACME_KEY, KEYS, SECRET
 from .conftest import TestDatabase
 from .serverproc import ServerProcess
 
@@ -29,10 +32,19 @@ checks.positive_data_acceptance.expected-statuses = ["2XX", "409", "422", "429"]
 
 
 @pytest.mark.timeout(300)
-def test_the_live_server_keeps_to_its_document(tmp_path: Path, database: TestDatabase) -> None:
+@pytest.mark.parametrize("auth", [False, True], ids=["auth-off", "auth-on"])
+def test_the_live_server_keeps_to_its_document(tmp_path: Path, database: TestDatabase, auth: bool) -> None:
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG)
-    server = ServerProcess(database.data_dir, env={**database.env, "IMAGEGEN_PROVIDER__IMAGE_SIZE": "64"})
+    env = {**database.env, "IMAGEGEN_PROVIDER__IMAGE_SIZE": "64"}
+    key_options: list[str] = []
+    if auth:
+        # Every case carries a key; the ignored_auth check also sends each without it, and
+        # expects the 401 that the document promises.
+        keys = ", ".join(f'{{name = "{name}", hash = "{key_hash(key)}"}}' for name, key in KEYS.items())
+        env.update({"IMAGEGEN_AUTH__ENABLED": "true", "IMAGEGEN_AUTH__KEYS": f"[{keys}]", "IMAGEGEN_SECRET": SECRET})
+        key_options = ["--header", f"Authorization: Bearer {ACME_KEY}"]
+    server = ServerProcess(database.data_dir, env=env)
     server.start()
     try:
         run = subprocess.run(
@@ -48,6 +60,7 @@ def test_the_live_server_keeps_to_its_document(tmp_path: Path, database: TestDat
                 # An endless stream: every case would wait out the request timeout. Its input
                 # checks are covered in tests/test_events.py.
                 "--exclude-path", "/generations/events",
+                *key_options,
             ],
             cwd=tmp_path,  # its reports and caches stay out of the repository
             capture_output=True,

@@ -276,3 +276,20 @@ def test_animals_the_local_provider_cannot_draw_are_refused_at_start_up(tmp_path
     )
     assert "'cat'" not in line
     assert not (tmp_path / "data").exists()
+
+
+def test_auth_with_a_malformed_key_hash_or_no_secret_is_one_line(tmp_path: Path) -> None:
+    from imagegen.auth import key_hash
+
+    on = {"IMAGEGEN_AUTH__ENABLED": "true"}
+    bad_hash = {**on, "IMAGEGEN_AUTH__KEYS": f'[{{name = "acme", hash = "{SECRET}"}}]'}
+    # The malformed value is not echoed: it may be a key pasted in clear.
+    assert_one_line_exit_2(start(tmp_path, bad_hash), "configuration error", "auth.keys.0.hash", "sha256:")
+    keys = {**on, "IMAGEGEN_AUTH__KEYS": f'[{{name = "acme", hash = "{key_hash("ig_" + "k" * 43)}"}}]'}
+    env = {name: value for name, value in os.environ.items() if name != "IMAGEGEN_SECRET"}
+    result = subprocess.run(
+        [sys.executable, "server.py", "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True,
+        timeout=60, env={**env, "IMAGEGEN_STORAGE__DATA_DIR": str(tmp_path / "data"), **keys},
+    )
+    assert_one_line_exit_2(result, "cannot start", "IMAGEGEN_SECRET", "is not set")
+    assert_one_line_exit_2(start(tmp_path, {**keys, "IMAGEGEN_SECRET": "short"}), "shorter than 32 characters")

@@ -135,3 +135,23 @@ def test_a_signal_stops_tasks_run_like_server_py(tmp_path: Path, sig: int, to_gr
         if group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def test_new_key_prints_a_key_and_the_config_line_that_accepts_it() -> None:
+    from imagegen.auth import Credentials
+    from imagegen.config import load_settings
+
+    done = run_tasks("new-key", "acme", "25")
+    assert done.returncode == 0, done.stderr
+    key_line, entry_line = done.stdout.strip().splitlines()
+    key = key_line.rsplit(" ", 1)[1]
+    entry = entry_line.split("config.toml:", 1)[1].strip()
+    assert len(key) >= 43 and key not in entry  # the entry holds only the key's hash
+    settings = load_settings(None, {"IMAGEGEN_AUTH__ENABLED": "true", "IMAGEGEN_AUTH__KEYS": f"[{entry}]"})
+    assert settings.auth.keys[0].max_pending == 25
+    tenant = Credentials(settings.auth, "s" * 32).tenant_for_key(key)
+    assert tenant is not None and tenant.name == "acme"
+    assert run_tasks("new-key", "acme").stdout != done.stdout  # a new random key every time
+    assert run_tasks("new-key", "not a name").returncode == 2
+    secret = run_tasks("new-secret").stdout.strip()
+    assert len(secret) >= 32 and secret != run_tasks("new-secret").stdout.strip()

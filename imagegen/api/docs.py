@@ -17,6 +17,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, Field
 
+from .access import access
 from .problems import problem_errors
 from .openapi import Reply, build_document, operation
 
@@ -124,6 +125,7 @@ class AssetPath(BaseModel):
     tags=("documentation",),
     replies={200: Reply(dict[str, Any], "The document Swagger UI and ReDoc render.")},
 )
+@access("public")
 async def openapi_json(request: web.Request) -> web.Response:
     """GET /openapi.json: the document, built once at start-up."""
     return web.json_response(request.app[OPENAPI])
@@ -134,6 +136,7 @@ async def openapi_json(request: web.Request) -> web.Response:
     tags=("documentation",),
     replies={200: Reply(str, "An interactive page: try each operation from the browser.", HTML)},
 )
+@access("public")
 async def swagger_ui(request: web.Request) -> web.Response:
     """GET /docs: Swagger UI over /openapi.json."""
     return _page(SWAGGER_UI_PAGE)
@@ -144,6 +147,7 @@ async def swagger_ui(request: web.Request) -> web.Response:
     tags=("documentation",),
     replies={200: Reply(str, "A reference page of every operation and model.", HTML)},
 )
+@access("public")
 async def redoc(request: web.Request) -> web.Response:
     """GET /redoc: ReDoc over /openapi.json."""
     return _page(REDOC_PAGE)
@@ -156,6 +160,7 @@ async def redoc(request: web.Request) -> web.Response:
     replies={200: Reply(str, "The file, from the installed package.", ("text/javascript", "text/css"))},
     errors=(404,),
 )
+@access("public")
 async def docs_asset(request: web.Request) -> web.FileResponse:
     """GET /docs/assets/{name}: one of ASSETS."""
     relative, content_type = ASSETS[request.match_info["name"]]

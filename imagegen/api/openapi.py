@@ -30,6 +30,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from ..config import SETTINGS, Settings
+from .access import access_of
 from .problems import PROBLEM_JSON, Problem
 
 JSON = "application/json"
@@ -63,6 +64,7 @@ HEADERS: dict[str, Header] = {
     "Preference-Applied": Header(
         "wait=N: the request waited up to N seconds for the job (RFC 7240).", required=False
     ),
+    "WWW-Authenticate": Header('Bearer realm="imagegen" (RFC 6750), with error="invalid_token" for a bad one.'),
 }
 
 
@@ -80,6 +82,10 @@ class Reply:
 # The errors an operation may name; each body is a Problem. 500 goes on every operation.
 ERRORS: dict[int, Reply] = {
     400: Reply(Problem, "The body is not valid JSON.", PROBLEM_JSON),
+    401: Reply(
+        Problem, "No valid API key (Authorization: Bearer <key>), or token where one is accepted.", PROBLEM_JSON,
+        headers=("WWW-Authenticate",),
+    ),
     404: Reply(Problem, "Nothing is at this path (no such job or image).", PROBLEM_JSON),
     413: Reply(Problem, "The body is larger than the server accepts.", PROBLEM_JSON),
     415: Reply(Problem, "The body is not application/json.", PROBLEM_JSON),
@@ -307,9 +313,28 @@ def _operation(handler: Any, operation: Operation, schemas: _Schemas, settings: 
     if body is not None:
         schema = schemas.ref(body, "validation")
         result["requestBody"] = {"required": True, "content": {JSON: {"schema": schema}}}
-    replies = sorted(_replies(operation).items())
-    result["responses"] = {str(status): _response(reply, schemas) for status, reply in replies}
+    replies = _replies(operation)
+    security = SECURITY.get(access_of(handler)) if settings.auth.enabled else None
+    if security is not None:
+        result["security"] = security
+        replies[401] = ERRORS[401]
+    result["responses"] = {str(status): _response(reply, schemas) for status, reply in sorted(replies.items())}
     return result
+
+
+# With auth on: how each kind of route (api/access.py) is authorised, as OpenAPI security
+# requirements (alternatives); public routes have none.
+SECURITY_SCHEMES = {
+    "apiKey": {"type": "http", "scheme": "bearer", "description": "An API key of [auth] keys."},
+    "streamToken": {"type": "apiKey", "in": "query", "name": "token",
+                    "description": "A token from POST /tokens (the event streams only)."},
+}
+SECURITY: dict[str, list[dict[str, list[str]]]] = {
+    "key": [{"apiKey": []}],
+    "stream": [{"apiKey": []}, {"streamToken": []}],
+    # Or none: a signed image URL carries its own ?exp=&sig=.
+    "image": [{"apiKey": []}, {}],
+}
 
 
 def _implicit_head(route: web.AbstractRoute) -> bool:
@@ -339,6 +364,9 @@ def build_document(app: web.Application, *, title: str, version: str, descriptio
         spec.components.header(name, component, lazy=True)  # in the document only if a reply names it
     for name, schema in schemas.components.items():
         spec.components.schema(name, schema)
+    if settings.auth.enabled:
+        for name, scheme in SECURITY_SCHEMES.items():
+            spec.components.security_scheme(name, scheme)
     for route, found in routes:
         if route.resource is not None:
             method = _operation(route.handler, found, schemas, settings)

@@ -13,11 +13,14 @@ from typing import Annotated
 from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from ..auth import CREDENTIALS
 from ..config import SETTINGS
 from ..events import BROADCASTER
 from ..jobs import JOBS, JobService
 from ..models import CreateJob, Job, JobAccepted, JobPage, JobStatus
 from ..storage import IMAGES
+from .access import access
+from .auth import SIGNED, tenant_of
 from .openapi import JSON, Reply, operation
 from .params import (
     CURSOR_PATTERN,
@@ -31,7 +34,7 @@ from .params import (
     single_query,
 )
 from .problems import InvalidRequest, MalformedRequest, NotFound, UnsupportedMediaType, invalid_fields
-from .render import event_json, job_json
+from .render import Links, event_json, job_json, links
 
 
 # The request body model narrowed to this app's settings, made once per app (hashing the
@@ -62,6 +65,18 @@ class ListQuery(BaseModel):
 
 
 LIST_QUERY_NAMES = query_names(ListQuery)
+
+
+class ImageQuery(BaseModel):
+    """Query parameters of GET /images/... (with auth on, image URLs carry them)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    exp: str | None = Field(default=None, description="With auth on: when the signature expires (Unix time).")
+    sig: str | None = Field(default=None, description="With auth on: the URL's signature, in place of an API key.")
+
+
+IMAGE_QUERY_NAMES = query_names(ImageQuery)
 
 
 class ImageHeaders(BaseModel):
@@ -127,19 +142,20 @@ async def create_generation(request: web.Request) -> web.Response:
     key = _idempotency_key(request)
     wait_s = _preferred_wait(request)
     jobs = request.app[JOBS]
-    created = await jobs.create(spec.num_images, spec.animal, spec.prompt, key)
+    tenant = tenant_of(request)
+    created = await jobs.create(spec.num_images, spec.animal, spec.prompt, key, tenant)
     headers = {"Location": f"{base_url(request)}/generations/{created.job_id}"}
     if created.replayed:
         headers["Idempotent-Replayed"] = "true"
     if wait_s is None:
-        status = "pending" if not created.replayed else (await jobs.get(created.job_id)).status.value
+        status = "pending" if not created.replayed else (await jobs.get(created.job_id, tenant)).status.value
         body = b'{"jobId":"%s","status":"%s"}' % (created.job_id.encode(), status.encode())
         return web.Response(status=202, body=body, content_type=JSON, headers=headers)
     headers["Preference-Applied"] = f"wait={wait_s:g}"
     headers["Vary"] = "Prefer"
     job = await _wait_until_finished(request, created.job_id, wait_s)
     if job.status.terminal:
-        return web.Response(status=201, body=job_json(job, base_url(request)), content_type=JSON, headers=headers)
+        return web.Response(status=201, body=job_json(job, links(request)), content_type=JSON, headers=headers)
     body = b'{"jobId":"%s","status":"%s"}' % (job.job_id.encode(), job.status.value.encode())
     return web.Response(status=202, body=body, content_type=JSON, headers=headers)
 
@@ -177,10 +193,11 @@ async def _wait_until_finished(request: web.Request, job_id: str, wait_s: float)
     """The job once it is terminal, or as it is after `wait_s` seconds."""
     broadcaster = request.app[BROADCASTER]
     jobs = request.app[JOBS]
+    tenant = tenant_of(request)
     # Subscribe before looking, so a finish between the look and the wait is not missed.
     subscription = broadcaster.subscribe(job_id)
     try:
-        job = await jobs.get(job_id)
+        job = await jobs.get(job_id, tenant)
         async with asyncio.timeout(wait_s):
             while not job.status.terminal:
                 event = await subscription.next()
@@ -191,7 +208,7 @@ async def _wait_until_finished(request: web.Request, job_id: str, wait_s: float)
         pass
     finally:
         broadcaster.unsubscribe(subscription)
-    return await jobs.get(job_id)
+    return await jobs.get(job_id, tenant)
 
 
 @operation(
@@ -205,17 +222,18 @@ async def get_generation(request: web.Request) -> web.Response:
     """GET /generations/{jobId}: the job as it is now."""
     jobs = request.app[JOBS]
     job_id = parse_job_id(request.match_info["jobId"])
-    latest = jobs.latest(job_id)
+    tenant = tenant_of(request)
+    latest = jobs.latest_visible(job_id, tenant)
     if latest is not None:  # in memory: no database read
-        body = event_json(latest, base_url(request), jobs.queue_position(job_id))
+        body = event_json(latest, links(request), jobs.queue_position(job_id))
     else:
-        body = render(jobs, await jobs.get(job_id), base_url(request))
+        body = render(jobs, await jobs.get(job_id, tenant), links(request))
     return web.Response(body=body, content_type=JSON)
 
 
-def render(jobs: JobService, job: Job, base: str) -> bytes:
+def render(jobs: JobService, job: Job, links: Links) -> bytes:
     """The job's JSON as the API shows it now."""
-    return job_json(job, base, jobs.queue_position(job.job_id))
+    return job_json(job, links, jobs.queue_position(job.job_id))
 
 
 @operation(
@@ -229,8 +247,8 @@ def render(jobs: JobService, job: Job, base: str) -> bytes:
 async def cancel_generation(request: web.Request) -> web.Response:
     """POST /generations/{jobId}/cancel: stop a pending or processing job."""
     jobs = request.app[JOBS]
-    job = await jobs.cancel(parse_job_id(request.match_info["jobId"]))
-    return web.Response(body=render(jobs, job, base_url(request)), content_type=JSON)
+    job = await jobs.cancel(parse_job_id(request.match_info["jobId"]), tenant_of(request))
+    return web.Response(body=render(jobs, job, links(request)), content_type=JSON)
 
 
 @operation(
@@ -242,7 +260,7 @@ async def cancel_generation(request: web.Request) -> web.Response:
 )
 async def delete_generation(request: web.Request) -> web.Response:
     """DELETE /generations/{jobId}: remove a finished job and its image files."""
-    await request.app[JOBS].delete(parse_job_id(request.match_info["jobId"]))
+    await request.app[JOBS].delete(parse_job_id(request.match_info["jobId"]), tenant_of(request))
     return web.Response(status=204)
 
 
@@ -262,9 +280,9 @@ async def list_generations(request: web.Request) -> web.Response:
         raise invalid_fields(exc, "query") from None
     service = request.app[JOBS]
     below = decode_cursor(params.cursor) if params.cursor else None
-    page, next_seq = await service.list(params.limit, below, params.status)
-    base = base_url(request)
-    jobs = b",".join(render(service, job, base) for job in page)
+    page, next_seq = await service.list(params.limit, below, params.status, tenant_of(request))
+    page_links = links(request)
+    jobs = b",".join(render(service, job, page_links) for job in page)
     cursor = json.dumps(None if next_seq is None else encode_cursor(next_seq)).encode()
     return web.Response(body=b'{"jobs":[%s],"nextCursor":%s}' % (jobs, cursor), content_type=JSON)
 
@@ -274,6 +292,7 @@ async def list_generations(request: web.Request) -> web.Response:
     description="Images never change: cache them, and revalidate with If-None-Match.",
     tags=("images",),
     path=ImagePath,
+    query=ImageQuery,
     headers=ImageHeaders,
     replies={
         200: Reply(bytes, "The PNG.", "image/png", headers=("ETag", "Last-Modified", "Cache-Control")),
@@ -281,6 +300,7 @@ async def list_generations(request: web.Request) -> web.Response:
     },
     errors=(404,),
 )
+@access("image")
 async def get_image(request: web.Request) -> web.FileResponse:
     """GET /images/{jobId}/{index}.png: a stored image, cacheable forever (it never changes)."""
     try:
@@ -288,11 +308,22 @@ async def get_image(request: web.Request) -> web.FileResponse:
     except InvalidRequest:
         raise NotFound("No such image") from None
     index_text = request.match_info["index"]
-    job = await request.app[JOBS].find(job_id)
+    if request.get(SIGNED):
+        # No key came, a signature did: it opens this one image, whoever holds the URL. A
+        # tampered or expired one is no image at all, as for an id that does not exist.
+        query = single_query(request, IMAGE_QUERY_NAMES)
+        valid = request.app[CREDENTIALS].image_signature_valid(request.path, query.get("exp", ""), query.get("sig", ""))
+        if not valid:
+            raise NotFound("No such image")
+        job = await request.app[JOBS].find(job_id, None)
+    else:
+        job = await request.app[JOBS].find(job_id, tenant_of(request))
     # The file path comes from the database row, never from the URL text.
     if job is None or int(index_text) >= len(job.images):
         raise NotFound("No such image")
     path = request.app[IMAGES].path(job.images[int(index_text)])
+    # With auth on, not for shared caches: a copy cached for one key would be served to others.
+    scope = "private" if CREDENTIALS in request.app else "public"
     return web.FileResponse(
-        path, headers={"Cache-Control": "public, max-age=31536000, immutable", "Content-Type": "image/png"}
+        path, headers={"Cache-Control": f"{scope}, max-age=31536000, immutable", "Content-Type": "image/png"}
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from typing import Any
 
 from aiohttp import web
@@ -13,13 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import SETTINGS
 from ..events import BROADCASTER, ReplayGap, Subscription, replay
-from ..jobs import JOBS
+from ..jobs import JOBS, owner_filter
 from ..models import Job
 from ..store import STORE, JobEvent
+from .access import access
+from .auth import TOKEN_EXPIRES, tenant_of
 from .openapi import Reply, operation
-from .params import JobPath, base_url, parse_job_id, query_names, single_query
+from .params import JobPath, parse_job_id, query_names, single_query
 from .problems import invalid_fields
-from .render import event_frame, job_json
+from .render import event_frame, job_json, links
 
 # Ids are 64-bit integers in both databases: up to 18 digits stays below 2**63.
 EVENT_ID_PATTERN = r"^[0-9]{1,18}$"
@@ -48,6 +51,11 @@ class StreamQuery(BaseModel):
         alias="lastEventId",
         pattern=EVENT_ID_PATTERN,
         description="Resume after this event id, for clients that cannot send Last-Event-ID.",
+    )
+    token: str | None = Field(
+        default=None,
+        description="With auth on, in place of the Authorization header (EventSource cannot send one): a token "
+        "from POST /tokens. The stream ends when the token expires; reconnect with a new one and lastEventId.",
     )
 
 
@@ -121,7 +129,6 @@ class _Stream:
         settings = request.app[SETTINGS].events
         self.request = request
         self.subscription = subscription
-        self.base = base_url(request)
         self.jobs = request.app[JOBS]
         self.sent = 0
         self.response = EventSourceResponse(ping_interval=settings.heartbeat_s)
@@ -129,6 +136,7 @@ class _Stream:
         # retry field and no data is an event of its own to some clients (httpx-sse yields it).
         self._retry = f"retry: {settings.retry_ms}\n".encode()
         self._watcher: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
 
     async def open(self) -> None:
         sock = self.request.transport.get_extra_info("socket") if self.request.transport else None
@@ -143,6 +151,12 @@ class _Stream:
         # idle stream learns its client is gone, and it must then stop waiting for events.
         self._watcher = asyncio.create_task(self.response.wait(), name="imagegen-stream-watcher")
         self._watcher.add_done_callback(lambda _: self.subscription.close("disconnected"))
+        expires = self.request.get(TOKEN_EXPIRES)
+        if expires is not None:
+            # A stream opened with a token lasts as long as the token: a key that is revoked
+            # (removed from the config) stops reaching streams within token_ttl_s.
+            delay = max(0.0, expires - time.time())
+            self._expiry = asyncio.get_running_loop().call_later(delay, self.subscription.close, "token expired")
 
     async def write(self, frames: bytes) -> None:
         """Write whole event blocks; the first write leads with the `retry:` field."""
@@ -151,12 +165,14 @@ class _Stream:
         await self.response.write(frames)
 
     async def watcher_done(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
         if self._watcher is not None:
             await asyncio.gather(self._watcher, return_exceptions=True)
 
     async def send(self, event: JobEvent) -> None:
         if event.seq > self.sent:
-            await self.write(event_frame(event, self.base, self.jobs.queue_position(event.job_id)))
+            await self.write(event_frame(event, links(self.request), self.jobs.queue_position(event.job_id)))
             self.sent = event.seq
 
     async def send_plain(self, name: str, data: dict[str, Any], seq: int | None = None) -> None:
@@ -167,17 +183,18 @@ class _Stream:
     async def send_state(self, job: Job) -> None:
         """A job's current state, as `job.state`. It carries no id (ids belong to committed
         events): the caller sends an event with one first (reset or ready)."""
-        data = job_json(job, self.base, self.jobs.queue_position(job.job_id))
+        data = job_json(job, links(self.request), self.jobs.queue_position(job.job_id))
         await self.write(b"event: job.state\ndata: %s\n\n" % data)
 
     async def live(self, stop_after_terminal: bool) -> None:
         """Forward live events until the subscription closes (shutdown, disconnect, overflow)."""
         while events := await self.subscription.take():
             frames = []
+            batch_links = links(self.request)  # per batch: signed image URLs must not go stale
             for event in events:
                 if event.seq <= self.sent:
                     continue  # already sent during replay
-                frames.append(event_frame(event, self.base, self.jobs.queue_position(event.job_id)))
+                frames.append(event_frame(event, batch_links, self.jobs.queue_position(event.job_id)))
                 self.sent = event.seq
                 if stop_after_terminal and event.terminal:
                     await self.write(b"".join(frames))
@@ -217,20 +234,24 @@ async def _serve(stream: _Stream, body: Any) -> web.StreamResponse:
     replies={200: Reply(Event, "An endless event stream, with a `: ping` comment every heartbeat.", EVENT_STREAM)},
     errors=(422,),
 )
+@access("stream")
 async def stream_all(request: web.Request) -> web.StreamResponse:
-    """GET /generations/events: every job's changes, resumable by Last-Event-ID."""
+    """GET /generations/events: every job's changes (with auth on, the caller's jobs'),
+    resumable by Last-Event-ID."""
     last_id = _last_event_id(request)
     broadcaster = request.app[BROADCASTER]
     store = request.app[STORE]
     jobs = request.app[JOBS]
+    tenant = tenant_of(request)
+    owner = owner_filter(tenant)
     # Subscribe before reading the table: whatever commits after the read is in the buffer.
-    subscription = broadcaster.subscribe()
+    subscription = broadcaster.subscribe(owner=owner)
 
     async def reset(stream: _Stream, latest: int) -> None:
         await stream.reset(latest, "the requested id is no longer retained")
         below = None
-        while True:  # the current state of every job it follows: all of them
-            page, below = await jobs.list(200, below, None)
+        while True:  # the current state of every job it follows: all of the caller's
+            page, below = await jobs.list(200, below, None, tenant)
             for job in page:
                 await stream.send_state(job)
             if below is None:
@@ -246,7 +267,7 @@ async def stream_all(request: web.Request) -> web.StreamResponse:
         else:
             stream.sent = last_id
             try:
-                async for event in replay(store, last_id):
+                async for event in replay(store, last_id, owner=owner):
                     await stream.send(event)
             except ReplayGap:
                 await reset(stream, (await store.horizon())[0])
@@ -272,6 +293,7 @@ async def stream_all(request: web.Request) -> web.StreamResponse:
     },
     errors=(404, 422),
 )
+@access("stream")
 async def stream_job(request: web.Request) -> web.StreamResponse:
     """GET /generations/{jobId}/events: the job's current state, then its changes, until it ends."""
     job_id = parse_job_id(request.match_info["jobId"])
@@ -279,7 +301,10 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
     jobs = request.app[JOBS]
     store = request.app[STORE]
     broadcaster = request.app[BROADCASTER]
-    job = await jobs.get(job_id)  # 404 before any stream starts: EventSource then stops for good
+    tenant = tenant_of(request)
+    # 404 before any stream starts (EventSource then stops for good); another tenant's job is
+    # not found either, and once checked its events are the caller's to follow.
+    job = await jobs.get(job_id, tenant)
     subscription = broadcaster.subscribe(job_id)
     try:
         latest, pruned = await store.horizon()
@@ -297,7 +322,7 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
                 await stream.reset(latest, "the requested id is no longer retained")
             else:
                 await stream.send_plain("ready", {"lastEventId": latest}, latest)
-            current = await jobs.get(job_id)
+            current = await jobs.get(job_id, tenant)
             await stream.send_state(current)
             if current.status.terminal:
                 raise _StreamEnded

@@ -31,15 +31,18 @@ class JobEvent:
     Treat it as immutable.
     """
 
-    __slots__ = ("seq", "name", "job_id", "snapshot", "job_seq", "status", "_job", "renderings")
+    __slots__ = ("seq", "name", "job_id", "snapshot", "job_seq", "status", "owner", "_job", "renderings")
 
-    def __init__(self, seq: int, name: str, job_id: str, snapshot: str, job_seq: int, status: str) -> None:
+    def __init__(
+        self, seq: int, name: str, job_id: str, snapshot: str, job_seq: int, status: str, owner: str | None = None
+    ) -> None:
         self.seq = seq
         self.name = name
         self.job_id = job_id
         self.snapshot = snapshot  # the job's row as JSON, exactly as committed with this event
         self.job_seq = job_seq  # the job's own seq (its place in creation order)
         self.status = status  # the job's status after the change
+        self.owner = owner  # the job's tenant (None: made with auth off), to filter streams by
         self._job: Job | None = None
         # Whoever renders this event for clients (the HTTP layer) keeps its renderings here:
         # a committed event never changes, so thousands of subscribers and pollers share one.
@@ -74,6 +77,7 @@ class NewJob:
     animal: str
     prompt: str | None
     now: str  # created_at and updated_at
+    owner: str | None = None  # the tenant creating it; None with auth off
 
 
 @dataclass(frozen=True)
@@ -99,14 +103,17 @@ class PendingJob:
     job_id: str
     seq: int
     not_before: str | None
+    owner: str | None = None
 
 
 class QueueLimit(Exception):
-    """The store refused a create: `pending` jobs are waiting, the most allowed."""
+    """The store refused a create: `pending` jobs are waiting, the most allowed (of the
+    creating tenant's own, if `tenant`, else of all)."""
 
-    def __init__(self, pending: int) -> None:
+    def __init__(self, pending: int, tenant: bool = False) -> None:
         super().__init__(f"{pending} jobs are pending")
         self.pending = pending
+        self.tenant = tenant
 
 
 class JobStore(Protocol):
@@ -119,14 +126,15 @@ class JobStore(Protocol):
 
     # --- admission and reads ---
     async def create(
-        self, new: NewJob, idempotency: Idempotency | None, max_pending: int | None
+        self, new: NewJob, idempotency: Idempotency | None, max_pending: int | None, tenant_max_pending: int | None = None
     ) -> JobEvent | KeyReused:
-        """Commit a new pending job and its job.created event; with `max_pending`, raise
-        QueueLimit instead if that many jobs are already pending (counted in the transaction)."""
-    async def idempotency_key_job(self, key: str) -> str | None: ...
+        """Commit a new pending job and its job.created event; with `max_pending` (or
+        `tenant_max_pending`), raise QueueLimit instead if that many jobs (of `new.owner`'s)
+        are already pending, counted in the transaction. Idempotency keys are per owner."""
+    async def idempotency_key_job(self, key: str, owner: str | None) -> str | None: ...
     async def get(self, job_id: str) -> Job | None: ...
-    async def list(self, below_seq: int, limit: int, status: JobStatus | None) -> list[Job]:
-        """Jobs with seq below `below_seq`, newest first."""
+    async def list(self, below_seq: int, limit: int, status: JobStatus | None, owner: str | None = None) -> list[Job]:
+        """Jobs with seq below `below_seq`, newest first; only `owner`'s if given."""
     async def pending(self) -> tuple[list[PendingJob], int]:
         """Every pending job, oldest first, and the id of the last event that state includes."""
 
@@ -151,7 +159,10 @@ class JobStore(Protocol):
         """Remove a terminal job: its job.deleted event, or the status that kept it, or None."""
 
     # --- the event log ---
-    async def events_after(self, seq: int, job_id: str | None, limit: int) -> list[JobEvent]: ...
+    async def events_after(
+        self, seq: int, job_id: str | None, limit: int, owner: str | None = None
+    ) -> list[JobEvent]:
+        """Events after `seq` in id order: of one job, or only of `owner`'s jobs, if given."""
     async def latest_event(self, job_id: str) -> JobEvent | None: ...
     async def horizon(self) -> tuple[int, int]:
         """(latest, pruned): events with ids above `pruned`, up to `latest`, can be replayed."""
@@ -161,6 +172,15 @@ class JobStore(Protocol):
         time does it; the others return at once."""
 
     async def close(self) -> None: ...
+
+
+def list_query(
+    queries: dict[tuple[bool, bool], str], below_seq: int, limit: int, status: JobStatus | None, owner: str | None
+) -> tuple[str, tuple[Any, ...]]:
+    """A backend's list query for the filters given, keyed (by owner?, by status?), and its
+    parameters: owner, status, below_seq, limit, in that order, each filter only if given."""
+    filters = (*((owner,) if owner is not None else ()), *((status.value,) if status is not None else ()))
+    return queries[(owner is not None, status is not None)], (*filters, below_seq, limit)
 
 
 STORE = web.AppKey("store", JobStore)

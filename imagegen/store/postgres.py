@@ -32,7 +32,7 @@ from ..config import StorageSettings
 from ..errors import StartupError
 from ..feed import Feed
 from ..models import Job, JobStatus, now_text
-from . import Idempotency, JobEvent, KeyReused, NewJob, PendingJob, QueueLimit
+from . import Idempotency, JobEvent, KeyReused, NewJob, PendingJob, QueueLimit, list_query
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ CONNECT_TIMEOUT_S = 5
 
 # --- queries -------------------------------------------------------------------------------
 
-EVENT_COLUMNS = "seq, name, job_id, job, job_seq, status"
+EVENT_COLUMNS = "seq, name, job_id, job, job_seq, status, owner"
 
 
 def _with_events(change: str, name: str, also: str = "") -> str:
@@ -79,9 +79,9 @@ numbered AS (
     SELECT job, row_number() OVER (ORDER BY (job).seq) AS n, count(*) OVER () AS total FROM changed
 ),
 notified AS (SELECT pg_notify('{CHANNEL}', '') FROM counter)
-INSERT INTO events (seq, job_id, name, job, job_seq, status, created_at)
+INSERT INTO events (seq, job_id, name, job, job_seq, status, owner, created_at)
 SELECT counter.last - numbered.total + numbered.n, (job).id, {name}, imagegen_snapshot(job),
-       (job).seq, (job).status, (job).updated_at
+       (job).seq, (job).status, (job).owner, (job).updated_at
 FROM numbered, counter, notified
 RETURNING {EVENT_COLUMNS}
 """
@@ -89,30 +89,46 @@ RETURNING {EVENT_COLUMNS}
 
 CREATE_JOB = """
 SELECT * FROM imagegen_create_job(
-    %(id)s, %(num_images)s, %(animal)s, %(prompt)s, %(now)s, %(key)s, %(request_hash)s, %(max_pending)s
+    %(id)s, %(num_images)s, %(animal)s, %(prompt)s, %(now)s, %(key)s, %(request_hash)s, %(max_pending)s,
+    %(owner)s, %(owner_max_pending)s
 )
 """
-IDEMPOTENCY_KEY = "SELECT request_hash, job_id FROM idempotency_keys WHERE key = %s"
+# Keys are per tenant ('' with auth off): two tenants' equal keys are two keys.
+IDEMPOTENCY_KEY = "SELECT request_hash, job_id FROM idempotency_keys WHERE owner = %s AND key = %s"
 
 SELECT_JOB = "SELECT * FROM jobs WHERE id = %s"
-LIST_JOBS = "SELECT * FROM jobs WHERE seq < %s ORDER BY seq DESC LIMIT %s"
-LIST_JOBS_BY_STATUS = "SELECT * FROM jobs WHERE status = %s AND seq < %s ORDER BY seq DESC LIMIT %s"
-PENDING_JOBS = "SELECT id, seq, not_before FROM jobs WHERE status = 'pending' ORDER BY seq"
+# Newest first; seq is the cursor, so rows inserted while a client walks the list never shift it.
+# By (owner?, status?): with auth on a client sees only its own jobs (jobs_owner_seq).
+LIST_JOBS = {
+    (False, False): "SELECT * FROM jobs WHERE seq < %s ORDER BY seq DESC LIMIT %s",
+    (False, True): "SELECT * FROM jobs WHERE status = %s AND seq < %s ORDER BY seq DESC LIMIT %s",
+    (True, False): "SELECT * FROM jobs WHERE owner = %s AND seq < %s ORDER BY seq DESC LIMIT %s",
+    (True, True): "SELECT * FROM jobs WHERE owner = %s AND status = %s AND seq < %s ORDER BY seq DESC LIMIT %s",
+}
+PENDING_JOBS = "SELECT id, seq, not_before, owner FROM jobs WHERE status = 'pending' ORDER BY seq"
 LAST_EVENT = "SELECT last FROM event_counter"
 
 _LEASE = "lease_owner = %(owner)s, lease_expires_at = now() + make_interval(secs => %(lease_s)s)"
 _CLAIM = f"""status = 'processing', attempts = attempts + 1, {_LEASE},
        started_at = coalesce(started_at, %(now)s), updated_at = %(now)s"""
 
-# The oldest runnable pending job, skipping rows another node is claiming this instant.
+# The next runnable pending job, skipping rows another node is claiming this instant: the
+# oldest job of the tenant whose turn is oldest (tenant_turns), so tenants' backlogs are
+# drawn round-robin; the claim records the tenant's turn. Every pending job is looked at, which
+# workers.max_pending bounds.
 CLAIM_NEXT = _with_events(f"""
 UPDATE jobs SET {_CLAIM}
 WHERE seq = (
-    SELECT seq FROM jobs
-    WHERE status = 'pending' AND (not_before IS NULL OR not_before <= %(now)s)
-    ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED
+    SELECT j.seq FROM jobs j LEFT JOIN tenant_turns t ON t.owner = coalesce(j.owner, '')
+    WHERE j.status = 'pending' AND (j.not_before IS NULL OR j.not_before <= %(now)s)
+    ORDER BY t.last_claim NULLS FIRST, j.seq LIMIT 1 FOR UPDATE OF j SKIP LOCKED
 )
-RETURNING jobs AS job""", "'job.processing'")
+RETURNING jobs AS job""", "'job.processing'", also="""
+turn AS (
+    INSERT INTO tenant_turns (owner, last_claim)
+    SELECT coalesce((job).owner, ''), nextval('tenant_turn_seq') FROM changed
+    ON CONFLICT (owner) DO UPDATE SET last_claim = excluded.last_claim
+),""")
 CLAIM_JOB = _with_events(f"""
 UPDATE jobs SET {_CLAIM} WHERE id = %(id)s AND status = 'pending' RETURNING jobs AS job""", "'job.processing'")
 
@@ -192,6 +208,7 @@ TRY_LOCK = "SELECT pg_try_advisory_xact_lock(%s) AS locked"
 
 EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > %s ORDER BY seq LIMIT %s"
 JOB_EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = %s AND seq > %s ORDER BY seq LIMIT %s"
+OWNER_EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > %s AND owner = %s ORDER BY seq LIMIT %s"
 LATEST_JOB_EVENT = f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = %s ORDER BY seq DESC LIMIT 1"
 EVENT_HORIZON = """
 SELECT (SELECT last FROM event_counter) AS latest,
@@ -238,7 +255,7 @@ def _connect_error(url: str, exc: Exception) -> StartupError:
 
 
 def _event(row: dict[str, Any]) -> JobEvent:
-    return JobEvent(row["seq"], row["name"], row["job_id"], row["job"], row["job_seq"], row["status"])
+    return JobEvent(row["seq"], row["name"], row["job_id"], row["job"], row["job_seq"], row["status"], row["owner"])
 
 
 async def _migrate(url: str) -> None:
@@ -389,33 +406,33 @@ class PostgresStore:
     # --- admission and reads ---------------------------------------------------------------
 
     async def create(
-        self, new: NewJob, idempotency: Idempotency | None, max_pending: int | None
+        self, new: NewJob, idempotency: Idempotency | None, max_pending: int | None, tenant_max_pending: int | None = None
     ) -> JobEvent | KeyReused:
         (row,) = await self._write(CREATE_JOB, {
             "id": new.job_id, "num_images": new.num_images, "animal": new.animal, "prompt": new.prompt,
             "now": new.now, "key": idempotency.key if idempotency else None,
             "request_hash": idempotency.request_hash if idempotency else None,
             "max_pending": max_pending if max_pending is not None else 2**31 - 1,
+            "owner": new.owner, "owner_max_pending": tenant_max_pending,
         })
         if row["reused_job_id"] is not None:
             return KeyReused(row["reused_job_id"], row["same_body"])
         if row["pending"] is not None:
-            raise QueueLimit(row["pending"])
-        return JobEvent(row["event_seq"], "job.created", new.job_id, row["snapshot"], row["job_seq"], "pending")
+            raise QueueLimit(row["pending"], tenant=row["tenant_limited"])
+        return JobEvent(
+            row["event_seq"], "job.created", new.job_id, row["snapshot"], row["job_seq"], "pending", new.owner
+        )
 
-    async def idempotency_key_job(self, key: str) -> str | None:
-        row = await self._fetch_one(IDEMPOTENCY_KEY, (key,))
+    async def idempotency_key_job(self, key: str, owner: str | None) -> str | None:
+        row = await self._fetch_one(IDEMPOTENCY_KEY, (owner or "", key))
         return None if row is None else row["job_id"]
 
     async def get(self, job_id: str) -> Job | None:
         row = await self._fetch_one(SELECT_JOB, (job_id,))
         return None if row is None else Job.from_row(row)
 
-    async def list(self, below_seq: int, limit: int, status: JobStatus | None) -> list[Job]:
-        if status is None:
-            rows = await self._fetch_all(LIST_JOBS, (below_seq, limit))
-        else:
-            rows = await self._fetch_all(LIST_JOBS_BY_STATUS, (status.value, below_seq, limit))
+    async def list(self, below_seq: int, limit: int, status: JobStatus | None, owner: str | None = None) -> list[Job]:
+        rows = await self._fetch_all(*list_query(LIST_JOBS, below_seq, limit, status, owner))
         return [Job.from_row(row) for row in rows]
 
     async def pending(self) -> tuple[list[PendingJob], int]:
@@ -426,7 +443,7 @@ class PostgresStore:
                 latest = await (await conn.execute(LAST_EVENT)).fetchone()
                 rows = await (await conn.execute(PENDING_JOBS)).fetchall()
         assert latest is not None
-        return [PendingJob(row["id"], row["seq"], row["not_before"]) for row in rows], latest["last"]
+        return [PendingJob(row["id"], row["seq"], row["not_before"], row["owner"]) for row in rows], latest["last"]
 
     # --- the workers' side -----------------------------------------------------------------
 
@@ -479,8 +496,12 @@ class PostgresStore:
 
     # --- the event log ---------------------------------------------------------------------
 
-    async def events_after(self, seq: int, job_id: str | None, limit: int) -> list[JobEvent]:
-        if job_id is None:
+    async def events_after(
+        self, seq: int, job_id: str | None, limit: int, owner: str | None = None
+    ) -> list[JobEvent]:
+        if job_id is None and owner is not None:
+            rows = await self._fetch_all(OWNER_EVENTS_AFTER, (seq, owner, limit))
+        elif job_id is None:
             rows = await self._fetch_all(EVENTS_AFTER, (seq, limit))
         else:
             rows = await self._fetch_all(JOB_EVENTS_AFTER, (job_id, seq, limit))

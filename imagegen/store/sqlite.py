@@ -28,7 +28,7 @@ import aiosqlite
 from ..errors import StartupError
 from ..feed import Feed
 from ..models import Job, JobStatus, now_text
-from . import Idempotency, JobEvent, KeyReused, NewJob, PendingJob
+from . import Idempotency, JobEvent, KeyReused, NewJob, PendingJob, list_query
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,13 @@ MAX_BATCH = 512
 SELECT_JOB = "SELECT * FROM jobs WHERE id = ?"
 
 # Newest first; seq is the cursor, so rows inserted while a client walks the list never shift it.
-LIST_JOBS = "SELECT * FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?"
-LIST_JOBS_BY_STATUS = "SELECT * FROM jobs WHERE status = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
+# By (owner?, status?): with auth on a client sees only its own jobs (jobs_owner_seq).
+LIST_JOBS = {
+    (False, False): "SELECT * FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+    (False, True): "SELECT * FROM jobs WHERE status = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+    (True, False): "SELECT * FROM jobs WHERE owner = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+    (True, True): "SELECT * FROM jobs WHERE owner = ? AND status = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+}
 
 CLAIM_JOB = """
 UPDATE jobs SET status = 'processing', attempts = attempts + 1, lease_owner = ?3,
@@ -121,16 +126,20 @@ WHERE status = 'processing'
 RETURNING id
 """
 
-PENDING_JOBS = "SELECT id, seq, not_before FROM jobs WHERE status = 'pending' ORDER BY seq"
+PENDING_JOBS = "SELECT id, seq, not_before, owner FROM jobs WHERE status = 'pending' ORDER BY seq"
 
-IDEMPOTENCY_KEY = "SELECT request_hash, job_id FROM idempotency_keys WHERE key = ?"
-INSERT_IDEMPOTENCY_KEY = "INSERT INTO idempotency_keys (key, request_hash, job_id, created_at) VALUES (?, ?, ?, ?)"
+# Keys are per tenant ('' with auth off): two tenants' equal keys are two keys.
+IDEMPOTENCY_KEY = "SELECT request_hash, job_id FROM idempotency_keys WHERE owner = ? AND key = ?"
+INSERT_IDEMPOTENCY_KEY = (
+    "INSERT INTO idempotency_keys (owner, key, request_hash, job_id, created_at) VALUES (?, ?, ?, ?, ?)"
+)
 PRUNE_IDEMPOTENCY_KEYS = "DELETE FROM idempotency_keys WHERE created_at < ?"
 
 # What an event row is read as. The job's seq and status are pulled out of the snapshot by
 # SQLite, so the service can keep its queue index without parsing every snapshot in Python.
 EVENT_COLUMNS = (
-    "seq, name, job_id, job, json_extract(job, '$.seq') AS job_seq, json_extract(job, '$.status') AS status"
+    "seq, name, job_id, job, json_extract(job, '$.seq') AS job_seq, json_extract(job, '$.status') AS status, "
+    "json_extract(job, '$.owner') AS owner"
 )
 
 # The event for a change just made to job ?2, with the job row as it now is: the snapshot is
@@ -140,7 +149,7 @@ _SNAPSHOT = """json_object(
            'prompt', prompt, 'images', images, 'attempts', attempts, 'error_code', error_code,
            'error_message', error_message, 'error_retryable', error_retryable,
            'created_at', created_at, 'updated_at', updated_at, 'started_at', started_at,
-           'completed_at', completed_at, 'not_before', not_before)"""
+           'completed_at', completed_at, 'not_before', not_before, 'owner', owner)"""
 INSERT_EVENT = f"""
 INSERT INTO events (job_id, name, job, created_at)
 SELECT id, ?1, {_SNAPSHOT}, updated_at
@@ -151,14 +160,17 @@ RETURNING {EVENT_COLUMNS}
 # Many new jobs, and then their job.created events, in one statement each (a group commit's
 # creates): the VALUES rows are appended. _created_snapshot writes those snapshots itself, with
 # _SNAPSHOT's keys in its order (tests/test_db.py checks they agree).
-INSERT_JOBS = "INSERT INTO jobs (id, num_images, animal, prompt, created_at, updated_at) VALUES "
-INSERT_JOBS_ROW = "(?, ?, ?, ?, ?, ?)"
+INSERT_JOBS = "INSERT INTO jobs (id, num_images, animal, prompt, created_at, updated_at, owner) VALUES "
+INSERT_JOBS_ROW = "(?, ?, ?, ?, ?, ?, ?)"
 INSERT_EVENTS = "INSERT INTO events (job_id, name, job, created_at) VALUES "
 INSERT_EVENTS_ROW = "(?, ?, ?, ?)"
 
 # Replay pages: events after an id, in commit order.
 EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
 JOB_EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+OWNER_EVENTS_AFTER = (
+    f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? AND json_extract(job, '$.owner') = ? ORDER BY seq LIMIT ?"
+)
 LATEST_JOB_EVENT = f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = ? ORDER BY seq DESC LIMIT 1"
 
 # What a resuming client can be given: ids above `pruned` and up to `latest`.
@@ -377,7 +389,7 @@ def _event_list(rows: list[Any]) -> tuple[list[JobEvent], Sequence[JobEvent]]:
 
 
 def _event(row: Any) -> JobEvent:
-    return JobEvent(row["seq"], row["name"], row["job_id"], row["job"], row["job_seq"], row["status"])
+    return JobEvent(row["seq"], row["name"], row["job_id"], row["job"], row["job_seq"], row["status"], row["owner"])
 
 
 class SQLiteStore:
@@ -494,37 +506,37 @@ class SQLiteStore:
     # --- admission and reads ---------------------------------------------------------------
 
     async def create(
-        self, new: NewJob, idempotency: Idempotency | None, max_pending: int | None
+        self, new: NewJob, idempotency: Idempotency | None, max_pending: int | None, tenant_max_pending: int | None = None
     ) -> JobEvent | KeyReused:
-        # max_pending is enforced by the dispatcher's in-memory count on SQLite (one process
+        # The limits are enforced by the dispatcher's in-memory counts on SQLite (one process
         # sees every commit), not here: counting in the writer would slow every create.
-        assert max_pending is None, "SQLite admission is counted in memory"
+        assert max_pending is None and tenant_max_pending is None, "SQLite admission is counted in memory"
+        owner = new.owner or ""
         op: WriteOp = _NewJob(new)
         if idempotency is not None:
             new_job = op
 
             def op(conn: sqlite3.Connection) -> Any:
-                used = conn.execute(IDEMPOTENCY_KEY, (idempotency.key,)).fetchone()
+                used = conn.execute(IDEMPOTENCY_KEY, (owner, idempotency.key)).fetchone()
                 if used is not None:
                     return KeyReused(used["job_id"], used["request_hash"] == idempotency.request_hash)
-                conn.execute(INSERT_IDEMPOTENCY_KEY, (idempotency.key, idempotency.request_hash, new.job_id, new.now))
+                conn.execute(
+                    INSERT_IDEMPOTENCY_KEY, (owner, idempotency.key, idempotency.request_hash, new.job_id, new.now)
+                )
                 return new_job(conn)
 
         return await self._write(op, _created)
 
-    async def idempotency_key_job(self, key: str) -> str | None:
-        row = await self._fetch_one(IDEMPOTENCY_KEY, (key,))
+    async def idempotency_key_job(self, key: str, owner: str | None) -> str | None:
+        row = await self._fetch_one(IDEMPOTENCY_KEY, (owner or "", key))
         return None if row is None else row["job_id"]
 
     async def get(self, job_id: str) -> Job | None:
         row = await self._fetch_one(SELECT_JOB, (job_id,))
         return None if row is None else Job.from_row(row)
 
-    async def list(self, below_seq: int, limit: int, status: JobStatus | None) -> list[Job]:
-        if status is None:
-            rows = await self._fetch_all(LIST_JOBS, (below_seq, limit))
-        else:
-            rows = await self._fetch_all(LIST_JOBS_BY_STATUS, (status.value, below_seq, limit))
+    async def list(self, below_seq: int, limit: int, status: JobStatus | None, owner: str | None = None) -> list[Job]:
+        rows = await self._fetch_all(*list_query(LIST_JOBS, below_seq, limit, status, owner))
         return [Job.from_row(row) for row in rows]
 
     async def pending(self) -> tuple[list[PendingJob], int]:
@@ -536,7 +548,7 @@ class SQLiteStore:
                 conn.execute("COMMIT")
 
         rows, latest = await _on_connection_thread(self._reader, read)
-        return [PendingJob(row["id"], row["seq"], row["not_before"]) for row in rows], latest
+        return [PendingJob(row["id"], row["seq"], row["not_before"], row["owner"]) for row in rows], latest
 
     # --- the workers' side -----------------------------------------------------------------
 
@@ -607,8 +619,12 @@ class SQLiteStore:
 
     # --- the event log ---------------------------------------------------------------------
 
-    async def events_after(self, seq: int, job_id: str | None, limit: int) -> list[JobEvent]:
-        if job_id is None:
+    async def events_after(
+        self, seq: int, job_id: str | None, limit: int, owner: str | None = None
+    ) -> list[JobEvent]:
+        if job_id is None and owner is not None:
+            rows = await self._fetch_all(OWNER_EVENTS_AFTER, (seq, owner, limit))
+        elif job_id is None:
             rows = await self._fetch_all(EVENTS_AFTER, (seq, limit))
         else:
             rows = await self._fetch_all(JOB_EVENTS_AFTER, (job_id, seq, limit))
@@ -698,13 +714,13 @@ def _event_op(name: str, job_id: str, sql: str, params: tuple[Any, ...]) -> Writ
 def _created(raw: Any) -> tuple[JobEvent | KeyReused, Sequence[JobEvent]]:
     if isinstance(raw, KeyReused):
         return raw, ()
-    event = JobEvent(raw[0], "job.created", raw[1], raw[2], raw[3], "pending")
+    event = JobEvent(raw[0], "job.created", raw[1], raw[2], raw[3], "pending", raw[4])
     return event, (event,)
 
 
-def _insert_jobs(conn: sqlite3.Connection, new_jobs: list[_NewJob]) -> list[tuple[int, str, str, int]]:
+def _insert_jobs(conn: sqlite3.Connection, new_jobs: list[_NewJob]) -> list[tuple[int, str, str, int, str | None]]:
     """Insert many jobs and their job.created events, one statement each; each job's event
-    as (seq, job id, snapshot, job seq).
+    as (seq, job id, snapshot, job seq, owner).
 
     This is the hot path of POST /generations, and the writer thread must win the GIL back from
     the busy event loop for every statement and every row it reads: so no RETURNING. The rows
@@ -726,7 +742,8 @@ def _insert_jobs(conn: sqlite3.Connection, new_jobs: list[_NewJob]) -> list[tupl
         ],
     )) - count + 1
     return [
-        (first_event + i, new_job.params[0], snapshots[i], first_job + i) for i, new_job in enumerate(new_jobs)
+        (first_event + i, new_job.params[0], snapshots[i], first_job + i, new_job.params[6])
+        for i, new_job in enumerate(new_jobs)
     ]
 
 
@@ -746,7 +763,7 @@ def created_snapshot_tail(new: NewJob) -> str:
         f'"animal":{json.dumps(new.animal)},"prompt":{json.dumps(new.prompt)},"images":"[]","attempts":0,'
         f'"error_code":null,"error_message":null,"error_retryable":null,'
         f'"created_at":"{new.now}","updated_at":"{new.now}","started_at":null,"completed_at":null,'
-        f'"not_before":null}}'
+        f'"not_before":null,"owner":{json.dumps(new.owner)}}}'
     )
 
 
@@ -757,9 +774,9 @@ class _NewJob:
     run_together = staticmethod(_insert_jobs)
 
     def __init__(self, new: NewJob) -> None:
-        # INSERT_JOBS_ROW's values: id, num_images, animal, prompt, created_at, updated_at
-        self.params = (new.job_id, new.num_images, new.animal, new.prompt, new.now, new.now)
+        # INSERT_JOBS_ROW's values: id, num_images, animal, prompt, created_at, updated_at, owner
+        self.params = (new.job_id, new.num_images, new.animal, new.prompt, new.now, new.now, new.owner)
         self.snapshot_tail = created_snapshot_tail(new)
 
-    def __call__(self, conn: sqlite3.Connection) -> tuple[int, str, str, int]:
+    def __call__(self, conn: sqlite3.Connection) -> tuple[int, str, str, int, str | None]:
         return _insert_jobs(conn, [self])[0]
