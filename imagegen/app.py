@@ -7,6 +7,7 @@ from typing import Literal
 from aiohttp import web
 
 from .api import page, routes, streams
+from .api.cors import add_cors
 from .api.docs import add_docs
 from .api.params import PUBLIC_URL
 from .api.problems import add_fallback_route, problem_errors
@@ -57,6 +58,8 @@ def create_app(settings: Settings, role: Role = "all") -> web.Application:
         _add_routes(app.router)
         add_docs(app)
     add_fallback_route(app.router)  # last: it takes whatever the others do not
+    if settings.server.cors_origins:  # after every route, the fallback too: each gets CORS headers
+        add_cors(app, settings.server.cors_origins)
     return app
 
 

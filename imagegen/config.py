@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .providers import ProviderSettings
 from .providers.local_art import ANIMALS as LOCAL_ANIMALS
@@ -18,10 +26,34 @@ from .settings_base import ConfigError, Section  # ConfigError: callers catch it
 ENV_PREFIX = "IMAGEGEN_"
 
 
+# An origin as a browser sends it in the Origin header: scheme://host[:port], nothing after.
+_ORIGIN = re.compile(
+    r"(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<host>\[[0-9a-f:.]+\]|[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?)"
+    r"(?::(?P<port>[0-9]{1,5}))?"
+)
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def _origin(value: str) -> str:
+    found = _ORIGIN.fullmatch(value.lower())
+    if found is None or (found["port"] is not None and int(found["port"]) > 65535):
+        raise ValueError(
+            f"{value!r} is not an origin: scheme://host[:port], no path, e.g. https://app.example.com"
+        )
+    # Origins are compared as strings, and browsers send them lowercased without a default port.
+    if found["port"] is not None and found["port"] == _DEFAULT_PORTS.get(found["scheme"]):
+        return f"{found['scheme']}://{found['host']}"
+    return found.group(0)
+
+
+Origin = Annotated[str, AfterValidator(_origin)]
+
+
 class ServerSettings(Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     public_url: str = ""
+    cors_origins: tuple[Origin, ...] = ()
 
     @field_validator("public_url")
     @classmethod

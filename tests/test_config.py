@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -87,6 +88,27 @@ def test_config_toml_shows_every_key() -> None:
 def test_bad_settings_name_the_key(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_settings(ROOT / "config.toml", environ=env)
+
+
+@pytest.mark.parametrize(
+    "origin",
+    ["https://app.example.com/", "https://app.example.com/path", "app.example.com", "*", "https://",
+     "http://a.test:70000", "https://app.example.com?x=1", "https://ex ample.com"],
+)
+def test_an_origin_that_is_not_scheme_host_port_names_the_key(origin: str) -> None:
+    env = {"IMAGEGEN_SERVER__CORS_ORIGINS": f'["https://ok.test", "{origin}"]'}
+    message = r"^server\.cors_origins\.1: .*is not an origin: scheme://host\[:port\]"
+    with pytest.raises(ConfigError, match=message):
+        load_settings(ROOT / "config.toml", environ=env)
+
+
+def test_origins_are_kept_as_browsers_send_them() -> None:
+    written = ["HTTPS://App.Example.COM:443", "http://a.test:80", "http://a.test:8080", "http://[::1]:5173"]
+    env = {"IMAGEGEN_SERVER__CORS_ORIGINS": json.dumps(written)}  # a JSON list of strings is TOML too
+    settings = load_settings(ROOT / "config.toml", environ=env)
+    assert settings.server.cors_origins == (
+        "https://app.example.com", "http://a.test", "http://a.test:8080", "http://[::1]:5173"
+    )
 
 
 def test_server_refuses_bad_config_with_one_line_and_nonzero_exit(tmp_path: Path) -> None:
