@@ -9,6 +9,7 @@ from aiohttp import web
 from .api import page, routes, streams
 from .api.cors import add_cors
 from .api.docs import add_docs
+from .api.forwarded import forwarded_middleware
 from .api.params import PUBLIC_URL
 from .api.problems import add_fallback_route, problem_errors
 from .config import SETTINGS, Settings
@@ -41,6 +42,8 @@ def create_app(settings: Settings, role: Role = "all") -> web.Application:
     app[IMAGES] = ImageStore(settings.storage.data_dir)
     app[routes.CREATE_JOB] = CreateJob.configured(settings)
     app[PUBLIC_URL] = settings.server.public_url
+    if settings.server.trusted_proxies:  # first: everything after it sees the client's own facts
+        app.middlewares.append(forwarded_middleware(settings.server.trusted_proxies))
     # Order matters: each context needs the ones before it, and they unwind in reverse, so
     # the workers stop before the provider closes and the store closes last.
     app.cleanup_ctx.append(store_context)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -12,6 +13,7 @@ from typing import Annotated, Any, Literal
 from aiohttp import web
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     Field,
     ValidationError,
     ValidationInfo,
@@ -46,7 +48,17 @@ def _origin(value: str) -> str:
     return found.group(0)
 
 
+def _network(value: object) -> object:
+    if not isinstance(value, str):
+        return value  # an ip_network already (a re-validated dump), or wrong: pydantic says so
+    try:
+        return ipaddress.ip_network(value)  # strict: 10.0.0.1/8 (host bits set) is a typo, refused
+    except ValueError as exc:
+        raise ValueError(f"not an address or a network such as 10.0.0.0/8 or ::1: {exc}") from None
+
+
 Origin = Annotated[str, AfterValidator(_origin)]
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
 
 
 class ServerSettings(Section):
@@ -54,6 +66,7 @@ class ServerSettings(Section):
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     public_url: str = ""
     cors_origins: tuple[Origin, ...] = ()
+    trusted_proxies: tuple[Network, ...] = ()
 
     @field_validator("public_url")
     @classmethod

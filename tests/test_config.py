@@ -111,6 +111,26 @@ def test_origins_are_kept_as_browsers_send_them() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("network", "why"),
+    [("10.0.0.1/8", "has host bits set"), ("localhost", "does not appear to be"), ("10.0.0.0/33", ""),
+     ("127.0.0.1 ", "")],
+)
+def test_a_malformed_proxy_network_names_the_key(network: str, why: str) -> None:
+    env = {"IMAGEGEN_SERVER__TRUSTED_PROXIES": json.dumps(["::1", network])}
+    message = rf"^server\.trusted_proxies\.1: .*not an address or a network.*{why}"
+    with pytest.raises(ConfigError, match=message):
+        load_settings(ROOT / "config.toml", environ=env)
+
+
+def test_proxies_are_addresses_or_networks() -> None:
+    env = {"IMAGEGEN_SERVER__TRUSTED_PROXIES": '["127.0.0.1", "10.0.0.0/8", "::1", "fd00::/8"]'}
+    settings = load_settings(ROOT / "config.toml", environ=env)
+    assert [str(network) for network in settings.server.trusted_proxies] == [
+        "127.0.0.1/32", "10.0.0.0/8", "::1/128", "fd00::/8"
+    ]
+
+
 def test_server_refuses_bad_config_with_one_line_and_nonzero_exit(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[workers]\ncount = 'many'\n")
