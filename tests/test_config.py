@@ -131,12 +131,20 @@ def test_proxies_are_addresses_or_networks() -> None:
     ]
 
 
-def test_server_refuses_bad_config_with_one_line_and_nonzero_exit(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ("[workers]\ncount = 'many'\n", "workers.count"),
+        ("[server]\ntrusted_proxies = ['10.0.0.0/33']\n", "server.trusted_proxies.0"),
+        ("[server]\ncors_origins = ['https://app.example.com/']\n", "server.cors_origins.0"),
+    ],
+)
+def test_server_refuses_bad_config_with_one_line_and_nonzero_exit(tmp_path: Path, toml: str, key: str) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text("[workers]\ncount = 'many'\n")
+    bad.write_text(toml)
     result = subprocess.run(
         [sys.executable, "server.py", "--config", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "workers.count" in lines[0]
+    assert len(lines) == 1 and key in lines[0], lines

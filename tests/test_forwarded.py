@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from imagegen.api.forwarded import forwarded_middleware, parse_address
 
@@ -110,6 +110,14 @@ async def test_values_that_are_no_scheme_or_host_are_not_believed_even_from_a_pr
     client = await echo("127.0.0.1")
     own = {"scheme": "http", "host": f"127.0.0.1:{client.port}", "remote": "127.0.0.1"}
     assert await facts(client, headers) == own
+
+
+async def test_an_ipv6_proxy_is_trusted_by_its_address() -> None:
+    app = web.Application(middlewares=[forwarded_middleware((ipaddress.ip_network("::1"),))])
+    app.router.add_get("/", _facts)
+    async with TestClient(TestServer(app, host="::1")) as client:
+        assert await facts(client, X_FORWARDED) == PUBLIC
+        assert (await facts(client, {}))["remote"] == "::1"
 
 
 @pytest.mark.parametrize(
