@@ -44,10 +44,6 @@ ASSETS: dict[str, tuple[str, str]] = {
     "redoc.standalone.js": ("redoc/bundles/redoc.standalone.js", "text/javascript"),
 }
 
-# The pages name the document and their files relative to themselves (docs/assets/..., not
-# /docs/assets/...): /docs and /redoc sit at the root of the API, so the same pages work
-# directly and behind a proxy that serves the API under a path prefix (server.public_url).
-
 
 @functools.cache
 def _assets_dir() -> Path:
@@ -58,6 +54,9 @@ def _assets_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "static" / "drf_spectacular_sidecar"
 
 
+# The pages name the document and their files relative to themselves (docs/assets/..., not
+# /docs/assets/...): /docs and /redoc sit at the root of the API, so the same pages work
+# directly and behind a proxy that serves the API under a path prefix (server.public_url).
 SWAGGER_UI_PAGE = """<!doctype html>
 <html lang="en">
 <head>
