@@ -7,7 +7,9 @@ from typing import Literal
 from aiohttp import web
 
 from .api import auth, page, routes, streams
+from .api.cors import add_cors
 from .api.docs import add_docs
+from .api.forwarded import forwarded_middleware
 from .api.params import PUBLIC_URL
 from .api.problems import add_fallback_route, problem_errors
 from .auth import credentials_context
@@ -35,8 +37,12 @@ MAX_BODY_BYTES = 16 * 1024
 
 def create_app(settings: Settings, role: Role = "all") -> web.Application:
     """Build the app; its resources open on startup and close in reverse order on cleanup."""
-    # With auth off there is no middleware: every request would pay for it (see api/auth.py).
-    middlewares = [auth.authenticate] if settings.auth.enabled else []
+    # Only the middlewares the settings need: each costs every request (see api/auth.py).
+    middlewares = []
+    if settings.server.trusted_proxies:  # first: everything after it sees the client's own facts
+        middlewares.append(forwarded_middleware(settings.server.trusted_proxies))
+    if settings.auth.enabled:
+        middlewares.append(auth.authenticate)
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     app[SETTINGS] = settings
     app[FEED] = Feed()
@@ -64,6 +70,8 @@ def create_app(settings: Settings, role: Role = "all") -> web.Application:
             app.router.add_post("/tokens", problem_errors(auth.create_token))
         add_docs(app)
     add_fallback_route(app.router)  # last: it takes whatever the others do not
+    if settings.server.cors_origins:  # after every route, the fallback too: each gets CORS headers
+        add_cors(app, settings.server.cors_origins)
     return app
 
 

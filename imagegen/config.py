@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -10,7 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .providers import ProviderSettings
 from .providers.local_art import ANIMALS as LOCAL_ANIMALS
@@ -22,10 +31,45 @@ ENV_PREFIX = "IMAGEGEN_"
 NOT_SETTINGS = frozenset({"IMAGEGEN_SECRET", "IMAGEGEN_TEST_DATABASE_URL"})
 
 
+# An origin as a browser sends it in the Origin header: scheme://host[:port], nothing after.
+_ORIGIN = re.compile(
+    r"(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<host>\[[0-9a-f:.]+\]|[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?)"
+    r"(?::(?P<port>[0-9]{1,5}))?"
+)
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def _origin(value: str) -> str:
+    found = _ORIGIN.fullmatch(value.lower())
+    if found is None or (found["port"] is not None and int(found["port"]) > 65535):
+        raise ValueError(
+            f"{value!r} is not an origin: scheme://host[:port], no path, e.g. https://app.example.com"
+        )
+    # Origins are compared as strings, and browsers send them lowercased without a default port.
+    if found["port"] is not None and found["port"] == _DEFAULT_PORTS.get(found["scheme"]):
+        return f"{found['scheme']}://{found['host']}"
+    return found.group(0)
+
+
+def _network(value: object) -> object:
+    if not isinstance(value, str):
+        return value  # an ip_network already (a re-validated dump), or wrong: pydantic says so
+    try:
+        return ipaddress.ip_network(value)  # strict: 10.0.0.1/8 (host bits set) is a typo, refused
+    except ValueError as exc:
+        raise ValueError(f"not an address or a network such as 10.0.0.0/8 or ::1: {exc}") from None
+
+
+Origin = Annotated[str, AfterValidator(_origin)]
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
+
+
 class ServerSettings(Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     public_url: str = ""
+    cors_origins: tuple[Origin, ...] = ()
+    trusted_proxies: tuple[Network, ...] = ()
 
     @field_validator("public_url")
     @classmethod

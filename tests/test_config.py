@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -89,12 +90,61 @@ def test_bad_settings_name_the_key(env: dict[str, str], message: str) -> None:
         load_settings(ROOT / "config.toml", environ=env)
 
 
-def test_server_refuses_bad_config_with_one_line_and_nonzero_exit(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "origin",
+    ["https://app.example.com/", "https://app.example.com/path", "app.example.com", "*", "https://",
+     "http://a.test:70000", "https://app.example.com?x=1", "https://ex ample.com"],
+)
+def test_an_origin_that_is_not_scheme_host_port_names_the_key(origin: str) -> None:
+    env = {"IMAGEGEN_SERVER__CORS_ORIGINS": f'["https://ok.test", "{origin}"]'}
+    message = r"^server\.cors_origins\.1: .*is not an origin: scheme://host\[:port\]"
+    with pytest.raises(ConfigError, match=message):
+        load_settings(ROOT / "config.toml", environ=env)
+
+
+def test_origins_are_kept_as_browsers_send_them() -> None:
+    written = ["HTTPS://App.Example.COM:443", "http://a.test:80", "http://a.test:8080", "http://[::1]:5173"]
+    env = {"IMAGEGEN_SERVER__CORS_ORIGINS": json.dumps(written)}  # a JSON list of strings is TOML too
+    settings = load_settings(ROOT / "config.toml", environ=env)
+    assert settings.server.cors_origins == (
+        "https://app.example.com", "http://a.test", "http://a.test:8080", "http://[::1]:5173"
+    )
+
+
+@pytest.mark.parametrize(
+    ("network", "why"),
+    [("10.0.0.1/8", "has host bits set"), ("localhost", "does not appear to be"), ("10.0.0.0/33", ""),
+     ("127.0.0.1 ", "")],
+)
+def test_a_malformed_proxy_network_names_the_key(network: str, why: str) -> None:
+    env = {"IMAGEGEN_SERVER__TRUSTED_PROXIES": json.dumps(["::1", network])}
+    message = rf"^server\.trusted_proxies\.1: .*not an address or a network.*{why}"
+    with pytest.raises(ConfigError, match=message):
+        load_settings(ROOT / "config.toml", environ=env)
+
+
+def test_proxies_are_addresses_or_networks() -> None:
+    env = {"IMAGEGEN_SERVER__TRUSTED_PROXIES": '["127.0.0.1", "10.0.0.0/8", "::1", "fd00::/8"]'}
+    settings = load_settings(ROOT / "config.toml", environ=env)
+    assert [str(network) for network in settings.server.trusted_proxies] == [
+        "127.0.0.1/32", "10.0.0.0/8", "::1/128", "fd00::/8"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ("[workers]\ncount = 'many'\n", "workers.count"),
+        ("[server]\ntrusted_proxies = ['10.0.0.0/33']\n", "server.trusted_proxies.0"),
+        ("[server]\ncors_origins = ['https://app.example.com/']\n", "server.cors_origins.0"),
+    ],
+)
+def test_server_refuses_bad_config_with_one_line_and_nonzero_exit(tmp_path: Path, toml: str, key: str) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text("[workers]\ncount = 'many'\n")
+    bad.write_text(toml)
     result = subprocess.run(
         [sys.executable, "server.py", "--config", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "workers.count" in lines[0]
+    assert len(lines) == 1 and key in lines[0], lines

@@ -61,6 +61,28 @@ async def test_every_route_is_documented_and_nothing_else(client: TestClient) ->
     assert {"/generations", "/generations/{jobId}", "/images/{jobId}/{index}.png"} <= set(document["paths"])
 
 
+async def test_servers_is_public_url_with_its_path_prefix(
+    client: TestClient, make_client: Any, tmp_path: Any
+) -> None:
+    # Without public_url it is left out: the operations are where the document came from.
+    assert "servers" not in await (await client.get("/openapi.json")).json()
+    server = {"public_url": "https://example.com/imagegen/"}
+    behind = await make_client(data_dir=tmp_path / "behind", server=server)
+    document = await (await behind.get("/openapi.json")).json()
+    assert document["servers"] == [{"url": "https://example.com/imagegen"}]
+    validate(document)
+
+
+async def test_cors_adds_routes_but_no_operations(make_client: Any) -> None:
+    client = await make_client(server={"cors_origins": ["https://app.example.com"]})
+    document = await (await client.get("/openapi.json")).json()
+    validate(document)
+    # aiohttp-cors's preflight routes (OPTIONS on each path) are the only routes left out.
+    missing = undocumented_routes(client.app, document)
+    assert missing and all(line.startswith("OPTIONS ") for line in missing)
+    assert not any("options" in item for item in document["paths"].values())
+
+
 async def test_statuses_and_headers_are_documented(client: TestClient) -> None:
     paths = (await (await client.get("/openapi.json")).json())["paths"]
     create = paths["/generations"]["post"]["responses"]

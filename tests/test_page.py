@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .browser import HOST, Browser
+from .browser import HOST, Browser, Page
 from .serverproc import ServerProcess
 
 
@@ -31,18 +31,22 @@ IMAGES_LOADED = """(() => {{
 }})()"""
 
 
+async def submit(page: Page, num_images: int, animal: str, prompt: str = "") -> None:
+    """Fill in the page's form and press its button."""
+    values = json.dumps({"numImages": str(num_images), "animal": animal, "prompt": prompt})
+    await page.evaluate(f"""(() => {{
+        const form = document.getElementById('new-job'), values = {values};
+        for (const [name, value] of Object.entries(values)) form[name].value = value;
+        form.querySelector('button').click();
+    }})()""")
+
+
 async def test_submitting_the_form_shows_the_job_and_its_images_as_they_land(make_client) -> None:
     client = await make_client(provider={"delay_s": 0.3, "image_size": 96})
     async with Browser() as browser:
         page = await browser.open(f"http://{HOST}:{client.port}/")
         await page.wait_for("document.getElementById('live').textContent === 'live'")
-        await page.evaluate("""(() => {
-            const form = document.getElementById('new-job');
-            form.numImages.value = '3';
-            form.animal.value = 'owl';
-            form.prompt.value = 'on a branch';
-            form.querySelector('button').click();
-        })()""")
+        await submit(page, 3, "owl", "on a branch")
         # While it draws, the card shows its progress: one image stored, the rest still coming.
         partial = await page.wait_for(
             "(() => { const c = document.querySelector('#jobs li'); return c && c.querySelectorAll('img').length === 1"

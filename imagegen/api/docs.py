@@ -55,6 +55,9 @@ def _assets_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "static" / "drf_spectacular_sidecar"
 
 
+# The pages name the document and their files relative to themselves (docs/assets/..., not
+# /docs/assets/...): /docs and /redoc sit at the root of the API, so the same pages work
+# directly and behind a proxy that serves the API under a path prefix (server.public_url).
 SWAGGER_UI_PAGE = """<!doctype html>
 <html lang="en">
 <head>
@@ -62,15 +65,15 @@ SWAGGER_UI_PAGE = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>imagegen API: Swagger UI</title>
 <link rel="icon" href="data:,">
-<link rel="stylesheet" href="/docs/assets/swagger-ui.css">
+<link rel="stylesheet" href="docs/assets/swagger-ui.css">
 </head>
 <body>
 <div id="swagger-ui"></div>
-<script src="/docs/assets/swagger-ui-bundle.js"></script>
+<script src="docs/assets/swagger-ui-bundle.js"></script>
 <script>
 // validatorUrl null: by default Swagger UI sends the document's URL to an online validator.
 window.ui = SwaggerUIBundle({
-  url: "/openapi.json",
+  url: "openapi.json",
   dom_id: "#swagger-ui",
   presets: [SwaggerUIBundle.presets.apis],
   layout: "BaseLayout",
@@ -92,9 +95,9 @@ REDOC_PAGE = """<!doctype html>
 </head>
 <body>
 <div id="redoc"></div>
-<script src="/docs/assets/redoc.standalone.js"></script>
+<script src="docs/assets/redoc.standalone.js"></script>
 <script>
-Redoc.init("/openapi.json", {}, document.getElementById("redoc"));
+Redoc.init("openapi.json", {}, document.getElementById("redoc"));
 </script>
 </body>
 </html>

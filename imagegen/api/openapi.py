@@ -357,7 +357,11 @@ def build_document(app: web.Application, *, title: str, version: str, descriptio
         model for _, found in routes for model in (found.path, found.query, found.headers) if model is not None
     }
     schemas = _Schemas([model for _, found in routes for model in _models(found, settings)], parameter_models)
-    spec = APISpec(title=title, version=version, openapi_version="3.0.3", info={"description": description})
+    # Where the operations are: server.public_url when set (with the path prefix a proxy serves
+    # them under); otherwise left out, which means the host the document came from.
+    where = {"servers": [{"url": settings.server.public_url}]} if settings.server.public_url else {}
+    info = {"description": description}
+    spec = APISpec(title=title, version=version, openapi_version="3.0.3", info=info, **where)
     for name, header in HEADERS.items():
         schema = openapi_schema(TypeAdapter(header.type).json_schema(mode="serialization"))
         component = {"description": header.description, "required": header.required, "schema": schema}
