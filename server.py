@@ -15,6 +15,7 @@ from typing import NoReturn
 from aiohttp import web
 from pydantic import ValidationError
 
+from imagegen import connections
 from imagegen.app import ROLES, create_app
 from imagegen.config import ENV_PREFIX, ConfigError, ServerSettings, Settings, load_settings
 from imagegen.errors import StartupError
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = settings.model_copy(update={"server": server})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    before, after = connections.raise_open_files_limit()
+    if after > before:
+        logging.getLogger("imagegen").info("open files limit raised from %d to %d", before, after)
     gc.set_threshold(*GC_THRESHOLDS)
     # Set once every resource has opened: an OSError after it is the listening socket's.
     started = False
@@ -87,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     async def mark_started(_app: web.Application) -> None:
         nonlocal started
         started = True
+        connections.install(asyncio.get_running_loop())
 
     try:
         if args.role == "worker":

@@ -68,6 +68,8 @@ class ServerSettings(Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     public_url: str = ""
+    # A request body still incomplete after this many seconds is cut off with 408.
+    body_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     cors_origins: tuple[Origin, ...] = ()
     trusted_proxies: tuple[Network, ...] = ()
 
@@ -84,6 +86,8 @@ class StorageSettings(Section):
     data_dir: Path = Path("./data")
     database_url: str = ""
     pool_size: Annotated[int, Field(ge=1, le=1000)] = 10
+    # Terminal jobs older than this (by completedAt) are deleted with their images; 0: kept forever.
+    retention_days: Annotated[float, Field(ge=0)] = 0.0
 
     @field_validator("database_url")
     @classmethod

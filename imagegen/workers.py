@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 # attempt at a time, rather than parking a job for days on one answer.
 RETRY_AFTER_MAX_S = 3600.0
 
+# How long a worker waits after the database failed a claim before it asks again.
+CLAIM_RETRY_S = 1.0
+
 # How many recent cancels a pool remembers (see WorkerPool._canceled): far more than can land
 # between one claim and its registration.
 RECENT_CANCELS = 1024
@@ -144,7 +147,17 @@ class WorkerPool:
         task = asyncio.current_task()
         assert task is not None
         while not self._stopping:
-            job = await self._dispatcher.next_job(self.owner, self._lease_s)
+            try:
+                job = await self._dispatcher.next_job(self.owner, self._lease_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # The database failed the claim (a lost connection, a restart): nothing was
+                # claimed. The worker waits and asks again rather than end for good.
+                log.warning("claiming a job failed (%s: %s); trying again in %g s",
+                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "", CLAIM_RETRY_S)
+                await asyncio.sleep(CLAIM_RETRY_S)
+                continue
             self._busy.add(task)
             try:
                 await self._process(job)
@@ -201,7 +214,10 @@ class WorkerPool:
                 path = await self._images.save(job.job_id, index, job.attempts, data)
                 event = await self._store.add_image(current, path, self.owner)
                 if event is None:
-                    return  # canceled, or a newer attempt owns the job: drop this one's result
+                    # Canceled (maybe deleted), or a newer attempt owns the job: drop this
+                    # one's result, file and all.
+                    await self._images.discard(path)
+                    return
                 current = event.job
             await self._store.complete(current, self.owner)
         except ProviderError as exc:

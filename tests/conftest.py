@@ -73,7 +73,8 @@ class TestDatabase:
         from psycopg.rows import dict_row
 
         with psycopg.connect(self.url, autocommit=True, row_factory=dict_row) as conn:
-            return conn.execute(re.sub(r"\?", "%s", sql), params).fetchall()
+            cursor = conn.execute(re.sub(r"\?", "%s", sql), params)
+            return cursor.fetchall() if cursor.description is not None else []
 
 
 @pytest.fixture
@@ -196,6 +197,8 @@ def db_rows(data_dir: Path, sql: str, params: tuple[Any, ...] = ()) -> list[sqli
     conn = sqlite3.connect(data_dir / "imagegen.sqlite3")
     conn.row_factory = sqlite3.Row
     try:
-        return conn.execute(sql, params).fetchall()
+        rows = conn.execute(sql, params).fetchall()
+        conn.commit()  # a write (a test setting a row up) is kept, as on PostgreSQL's autocommit
+        return rows
     finally:
         conn.close()

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import urllib.error
@@ -39,6 +40,7 @@ class ServerProcess:
         port: int | None = None,
         args: list[str] | None = None,
         log: Path | None = None,
+        preexec: Callable[[], None] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
@@ -46,6 +48,7 @@ class ServerProcess:
         self.args = list(args or [])
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = log or data_dir.parent / f"server-{self.port}.log"
+        self.preexec = preexec  # run in the child before server.py starts, e.g. to set an rlimit
 
     @property
     def url(self) -> str:
@@ -76,7 +79,7 @@ class ServerProcess:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "server.py", "--port", str(self.port), *self.args],
-                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self.preexec,
             )
         return offset
 

@@ -68,3 +68,28 @@ async def test_the_database_refuses_illegal_transitions(client: TestClient, data
                 conn.execute("UPDATE jobs SET status = 'pending' WHERE id = %s", (job_id,))
     (row,) = database.rows("SELECT status FROM jobs WHERE id = ?", (job_id,))
     assert row["status"] == "completed"
+
+
+async def test_workers_outlive_a_failed_claim(make_client, database: TestDatabase, monkeypatch) -> None:
+    # The database fails a claim (a lost connection, a restart, a deadlock): the worker asks
+    # again a moment later instead of ending, and the job is drawn.
+    from imagegen.dispatch import DISPATCHER
+
+    client = await make_client(workers={"count": 1})
+    dispatcher = client.app[DISPATCHER]
+    real_next_job = type(dispatcher).next_job
+    failures = []
+
+    async def failing_once(self, owner: str, lease_s: float):  # type: ignore[no-untyped-def]
+        if not failures:
+            failures.append(owner)
+            raise OSError("the database connection was lost")
+        return await real_next_job(self, owner, lease_s)
+
+    monkeypatch.setattr(type(dispatcher), "next_job", failing_once)
+    # The one worker is waiting in next_job already; the next job it asks for fails first.
+    first = await create_job(client)
+    await wait_for_status(client, first, {"completed"})
+    second = await create_job(client)
+    job = await wait_for_status(client, second, {"completed"})
+    assert failures and job["status"] == "completed"

@@ -87,6 +87,7 @@ ERRORS: dict[int, Reply] = {
         headers=("WWW-Authenticate",),
     ),
     404: Reply(Problem, "Nothing is at this path (no such job or image).", PROBLEM_JSON),
+    408: Reply(Problem, "The body did not arrive within server.body_timeout_s; the connection is closed.", PROBLEM_JSON),
     413: Reply(Problem, "The body is larger than the server accepts.", PROBLEM_JSON),
     415: Reply(Problem, "The body is not application/json.", PROBLEM_JSON),
     409: Reply(Problem, "The job's status does not allow this (e.g. it already ended).", PROBLEM_JSON),

@@ -176,6 +176,13 @@ def problem_errors(handler: Handler) -> Handler:
                 log.exception("unexpected error on %s %r", request.method, request.path)
                 return problem_response(500, "Internal Server Error", "The server failed to handle this request.")
             return problem_response(problem.status, problem.title, problem.detail, headers=problem.headers, **problem.extra)
+        except ConnectionResetError:
+            # The client left before its request was read (or its answer sent): nothing to
+            # answer, and nothing wrong with the service.
+            log.warning("client disconnected during %s %r", request.method, request.path)
+            # Re-raised, aiohttp would log it as an error with a traceback; this answer goes
+            # nowhere (the connection is closed) and is never written.
+            return web.Response(status=400)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise

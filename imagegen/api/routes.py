@@ -33,7 +33,7 @@ from .params import (
     query_names,
     single_query,
 )
-from .problems import InvalidRequest, MalformedRequest, NotFound, UnsupportedMediaType, invalid_fields
+from .problems import InvalidRequest, MalformedRequest, NotFound, UnsupportedMediaType, invalid_fields, problem_response
 from .render import Links, event_json, job_json, links
 
 
@@ -126,13 +126,21 @@ class CreateHeaders(BaseModel):
             headers=("Location", "Idempotent-Replayed", "Preference-Applied"),
         ),
     },
-    errors=(400, 413, 415, 422, 429),
+    errors=(400, 408, 413, 415, 422, 429),
 )
 async def create_generation(request: web.Request) -> web.Response:
     """POST /generations: commit a job and answer 202 with its id."""
     if request.content_type != JSON:
         raise UnsupportedMediaType(f"The body must be {JSON}, not {request.content_type or 'empty'}")
-    body = await request.read()
+    try:
+        async with asyncio.timeout(request.app[SETTINGS].server.body_timeout_s):
+            body = await request.read()
+    except TimeoutError:
+        timeout_s = request.app[SETTINGS].server.body_timeout_s
+        # The rest of the body may never come: close the connection rather than wait to drain it.
+        response = problem_response(408, "Request Timeout", f"The request body did not arrive within {timeout_s:g} s")
+        response.force_close()
+        return response
     try:
         spec = request.app[CREATE_JOB].model_validate_json(body)
     except ValidationError as exc:

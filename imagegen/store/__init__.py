@@ -158,6 +158,13 @@ class JobStore(Protocol):
     async def delete(self, job_id: str) -> JobEvent | JobStatus | None:
         """Remove a terminal job: its job.deleted event, or the status that kept it, or None."""
 
+    async def expire(self, completed_before: str, limit: int) -> list[JobEvent]:
+        """Delete up to `limit` terminal jobs that ended before `completed_before`, with their
+        idempotency keys, each with its job.deleted event (retention). On PostgreSQL one node
+        at a time does it; the others get []."""
+    async def existing(self, job_ids: list[str]) -> set[str]:
+        """Which of these jobs exist."""
+
     # --- the event log ---
     async def events_after(
         self, seq: int, job_id: str | None, limit: int, owner: str | None = None

@@ -45,6 +45,7 @@ CHANNEL = "imagegen_events"
 MIGRATE_LOCK = 0x696D6167_656E0001
 RESCUE_LOCK = 0x696D6167_656E0002
 PRUNE_LOCK = 0x696D6167_656E0003
+RETENTION_LOCK = 0x696D6167_656E0004
 
 # How long the feed's reader waits for a wake-up before it looks anyway: what a notification
 # lost with a dropped connection costs at most.
@@ -58,11 +59,14 @@ CONNECT_TIMEOUT_S = 5
 EVENT_COLUMNS = "seq, name, job_id, job, job_seq, status, owner"
 
 
-def _with_events(change: str, name: str, also: str = "") -> str:
+def _with_events(change: str, name: str, also: str = "", after_counter: str = "") -> str:
     """One statement: `change` (an UPDATE or DELETE of jobs ending in `RETURNING jobs AS job`)
     and, for each row it touched, its event `name` (an SQL expression over `job`, the row after
     the change), with ids from the counter and a NOTIFY delivered at commit. `also` adds
-    statements that go with the change (CTEs that may read `changed`).
+    statements that go with the change (CTEs that may read `changed`); `after_counter`, ones
+    that must lock rows only after the counter (they read `counter`, which makes PostgreSQL run
+    the counter's UPDATE first: sibling data-modifying CTEs otherwise run in no set order, and
+    two claims locking the same rows in opposite orders would deadlock).
 
     One statement in autocommit mode is its own transaction: it locks the job rows first and
     the counter last, and holds the counter's lock only while the server commits, never across
@@ -74,7 +78,7 @@ counter AS (
     UPDATE event_counter SET last = last + (SELECT count(*) FROM changed)
     WHERE EXISTS (SELECT 1 FROM changed)
     RETURNING last
-),
+),{after_counter}
 numbered AS (
     SELECT job, row_number() OVER (ORDER BY (job).seq) AS n, count(*) OVER () AS total FROM changed
 ),
@@ -114,8 +118,9 @@ _CLAIM = f"""status = 'processing', attempts = attempts + 1, {_LEASE},
 
 # The next runnable pending job, skipping rows another node is claiming this instant: the
 # oldest job of the tenant whose turn is oldest (tenant_turns), so tenants' backlogs are
-# drawn round-robin; the claim records the tenant's turn. Every pending job is looked at, which
-# workers.max_pending bounds.
+# drawn round-robin; the claim records the tenant's turn (as its event id: increasing in commit
+# order), under the counter's lock, which every claim takes first. Every pending job is looked
+# at, which workers.max_pending bounds.
 CLAIM_NEXT = _with_events(f"""
 UPDATE jobs SET {_CLAIM}
 WHERE seq = (
@@ -123,10 +128,10 @@ WHERE seq = (
     WHERE j.status = 'pending' AND (j.not_before IS NULL OR j.not_before <= %(now)s)
     ORDER BY t.last_claim NULLS FIRST, j.seq LIMIT 1 FOR UPDATE OF j SKIP LOCKED
 )
-RETURNING jobs AS job""", "'job.processing'", also="""
+RETURNING jobs AS job""", "'job.processing'", after_counter="""
 turn AS (
     INSERT INTO tenant_turns (owner, last_claim)
-    SELECT coalesce((job).owner, ''), nextval('tenant_turn_seq') FROM changed
+    SELECT coalesce((job).owner, ''), counter.last FROM changed, counter
     ON CONFLICT (owner) DO UPDATE SET last_claim = excluded.last_claim
 ),""")
 CLAIM_JOB = _with_events(f"""
@@ -178,14 +183,29 @@ UPDATE jobs SET status = 'canceled', completed_at = %(now)s, updated_at = %(now)
 WHERE id = %(id)s AND status IN ('pending', 'processing')
 RETURNING jobs AS job""", "'job.canceled'")
 
+# A deleted job's idempotency keys go with it (a key may then create a job again).
+GONE_KEYS = "\ngone_keys AS (DELETE FROM idempotency_keys WHERE job_id IN (SELECT (job).id FROM changed)),"
 # The row goes with its idempotency keys (a key may then create a job again); its events stay
 # (a stream replays the deletion) until retention prunes them. The event carries the row as it was.
 DELETE_JOB = _with_events(
     "DELETE FROM jobs WHERE id = %(id)s AND status IN ('completed', 'failed', 'canceled') RETURNING jobs AS job",
     "'job.deleted'",
-    also="\ngone_keys AS (DELETE FROM idempotency_keys WHERE job_id IN (SELECT (job).id FROM changed)),",
+    also=GONE_KEYS,
 )
 JOB_STATUS = "SELECT status FROM jobs WHERE id = %s"
+
+# Retention: the terminal jobs that ended longest ago first (jobs_completed_at), deleted as a
+# DELETE does it, one node at a time (the advisory lock, released with the statement).
+EXPIRE_JOBS = _with_events(
+    f"""DELETE FROM jobs WHERE id IN (
+    SELECT id FROM jobs WHERE completed_at < %(before)s AND status IN ('completed', 'failed', 'canceled')
+    ORDER BY completed_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+) AND (SELECT pg_try_advisory_xact_lock({RETENTION_LOCK}))
+RETURNING jobs AS job""",
+    "'job.deleted'",
+    also=GONE_KEYS,
+)
+EXISTING_JOBS = "SELECT id FROM jobs WHERE id = ANY(%s::text[])"
 
 # Jobs whose lease expired: their node died or stalled. One such job abandoned max_recoveries
 # times fails (a poison job), the rest go back to pending; one node at a time does this (the
@@ -493,6 +513,13 @@ class PostgresStore:
             return deleted
         row = await self._fetch_one(JOB_STATUS, (job_id,))
         return None if row is None else JobStatus(row["status"])
+
+    async def expire(self, completed_before: str, limit: int) -> list[JobEvent]:
+        rows = await self._write(EXPIRE_JOBS, {"before": completed_before, "limit": limit})
+        return sorted((_event(row) for row in rows), key=lambda event: event.seq)
+
+    async def existing(self, job_ids: list[str]) -> set[str]:
+        return {row["id"] for row in await self._fetch_all(EXISTING_JOBS, (job_ids,))}
 
     # --- the event log ---------------------------------------------------------------------
 

@@ -110,6 +110,12 @@ DELETE_JOB_KEYS = "DELETE FROM idempotency_keys WHERE job_id = ?"
 
 JOB_STATUS = "SELECT status FROM jobs WHERE id = ?"
 
+# Retention: the terminal jobs that ended longest ago first (jobs_completed_at).
+EXPIRED_JOBS = """
+SELECT id FROM jobs WHERE completed_at < ? AND status IN ('completed', 'failed', 'canceled')
+ORDER BY completed_at LIMIT ?
+"""
+
 # At start-up, a job found processing was running when the process died. One that has been
 # running in max_recoveries crashes already is failed (a poison job), the rest are handed back.
 FAIL_POISON_JOBS = """
@@ -613,6 +619,26 @@ class SQLiteStore:
             return rows
 
         return await self._write(op, lambda r: _event_rows(r) if isinstance(r, list) else (r, ()))
+
+    async def expire(self, completed_before: str, limit: int) -> list[JobEvent]:
+        def op(conn: sqlite3.Connection) -> list[Any]:
+            rows = []
+            for (job_id,) in conn.execute(EXPIRED_JOBS, (completed_before, limit)).fetchall():
+                # As a DELETE does it: the event carries the job as it was, so it goes first.
+                rows += conn.execute(INSERT_EVENT, ("job.deleted", job_id)).fetchall()
+                conn.execute(DELETE_JOB, (job_id,))
+                conn.execute(DELETE_JOB_KEYS, (job_id,))
+            return rows
+
+        return await self._write(op, _event_list)
+
+    async def existing(self, job_ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(job_ids), 500):  # below SQLite's limit on parameters
+            chunk = job_ids[start:start + 500]
+            sql = f"SELECT id FROM jobs WHERE id IN ({', '.join('?' * len(chunk))})"
+            found.update(row["id"] for row in await self._fetch_all(sql, tuple(chunk)))
+        return found
 
     async def _change(self, name: str, job_id: str, sql: str, params: tuple[Any, ...]) -> JobEvent | None:
         return await self._write(_event_op(name, job_id, sql, params), _event_rows)

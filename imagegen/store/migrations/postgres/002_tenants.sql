@@ -17,10 +17,9 @@ ALTER TABLE idempotency_keys ADD PRIMARY KEY (owner, key);
 -- Fair claiming: when each tenant ('' for jobs without an owner) last had a job claimed. The
 -- next claim goes to the tenant with a runnable job whose turn is oldest (round-robin), and
 -- within a tenant to its oldest job.
-CREATE SEQUENCE tenant_turn_seq;
 CREATE TABLE tenant_turns (
     owner      text   PRIMARY KEY,
-    last_claim bigint NOT NULL -- from tenant_turn_seq: larger is more recent
+    last_claim bigint NOT NULL -- the event id of that claim: larger is more recent
 );
 
 -- A job row as its events' snapshot: the same keys, in the same order, as SQLite's.
