@@ -44,5 +44,11 @@ class QueueFull(ImagegenError):
         self.retry_after_s = retry_after_s
 
 
+class StorageFull(ImagegenError):
+    """The disk is full: nothing could be written; try again once space is freed."""
+
+    retry_after_s = 30
+
+
 class StartupError(ImagegenError):
     """The service cannot start; the message says why, in one line."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import os
 import random
@@ -19,6 +20,7 @@ from aiohttp import web
 
 from .config import SETTINGS, Settings
 from .dispatch import DISPATCHER, Dispatcher
+from .errors import StorageFull
 from .feed import FEED
 from .jobs import timestamp_in
 from .models import Job
@@ -180,6 +182,10 @@ class WorkerPool:
             drawing.cancel()
         try:
             await drawing
+        except StorageFull:
+            # Its outcome could not be recorded: the disk is full. It is not left processing:
+            # recorded as a retry (at once, then backing off) as soon as a write commits again.
+            await self._record_when_possible(job)
         except Exception:
             # Recording the attempt's outcome failed: fail the job rather than leave it
             # processing with no worker until its lease runs out.
@@ -196,6 +202,23 @@ class WorkerPool:
         finally:
             del self._drawing[job_id]
 
+    async def _record_when_possible(self, job: Job) -> None:
+        """Hand the job back for a retry once the store can write again (the disk had filled)."""
+        delay = 0.5
+        while True:
+            try:
+                current = await self._store.get(job.job_id)
+                if current is None or current.status.value != "processing" or current.attempts != job.attempts:
+                    return  # it moved on meanwhile (canceled, deleted, rescued)
+                await self._store.retry(
+                    current, "storage_full", "The disk was full: the job is tried again.", timestamp_in(0), self.owner
+                )
+                return
+            except StorageFull:
+                log.warning("job %s: the disk is full; recording its outcome again in %g s", job.job_id, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
     async def _attempt(self, job: Job) -> None:
         """One attempt at a job: draw the images it still lacks, then complete it."""
         current: Job | None = job
@@ -211,8 +234,21 @@ class WorkerPool:
                     )
                     drawn = await self._generate(request)
                 data = drawn.pop(0)
-                path = await self._images.save(job.job_id, index, job.attempts, data)
-                event = await self._store.add_image(current, path, self.owner)
+                try:
+                    path = await self._images.save(job.job_id, index, job.attempts, data)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    raise ProviderError(
+                        "The image could not be stored: the disk is full", code="storage_full", retryable=True
+                    ) from None
+                try:
+                    event = await self._store.add_image(current, path, self.owner)
+                except StorageFull:
+                    await self._images.discard(path)
+                    raise ProviderError(
+                        "The image could not be recorded: the disk is full", code="storage_full", retryable=True
+                    ) from None
                 if event is None:
                     # Canceled (maybe deleted), or a newer attempt owns the job: drop this
                     # one's result, file and all.
@@ -222,6 +258,8 @@ class WorkerPool:
             await self._store.complete(current, self.owner)
         except ProviderError as exc:
             await self._failed(current, exc)
+        except StorageFull:
+            raise  # recording failed, not the drawing: _process records it once it can
         except Exception as exc:
             log.exception("job %s failed unexpectedly", job.job_id)
             message = f"The server failed to draw an image: {type(exc).__name__}"

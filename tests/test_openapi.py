@@ -86,14 +86,14 @@ async def test_cors_adds_routes_but_no_operations(make_client: Any) -> None:
 async def test_statuses_and_headers_are_documented(client: TestClient) -> None:
     paths = (await (await client.get("/openapi.json")).json())["paths"]
     create = paths["/generations"]["post"]["responses"]
-    assert set(create) == {"201", "202", "400", "408", "413", "415", "422", "429", "500"}
+    assert set(create) == {"201", "202", "400", "408", "413", "415", "422", "429", "500", "503"}
     assert create["202"]["headers"]["Location"] == {"$ref": "#/components/headers/Location"}
     assert create["201"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Job"}
     assert set(create["429"]["headers"]) == {"Retry-After"}
     headers = {p["name"] for p in paths["/generations"]["post"]["parameters"] if p["in"] == "header"}
     assert headers == {"Idempotency-Key", "Prefer"}
-    assert set(paths["/generations/{jobId}/cancel"]["post"]["responses"]) == {"200", "404", "409", "422", "500"}
-    assert set(paths["/generations/{jobId}"]["delete"]["responses"]) == {"204", "404", "409", "422", "500"}
+    assert set(paths["/generations/{jobId}/cancel"]["post"]["responses"]) == {"200", "404", "409", "422", "500", "503"}
+    assert set(paths["/generations/{jobId}"]["delete"]["responses"]) == {"204", "404", "409", "422", "500", "503"}
     for stream in ("/generations/events", "/generations/{jobId}/events"):
         operation = paths[stream]["get"]
         assert list(operation["responses"]["200"]["content"]) == ["text/event-stream"]

@@ -96,6 +96,9 @@ ERRORS: dict[int, Reply] = {
         Problem, "Too many jobs are waiting; nothing was written.", PROBLEM_JSON, headers=("Retry-After",)
     ),
     500: Reply(Problem, "The server failed; the details are in its log, not here.", PROBLEM_JSON),
+    503: Reply(
+        Problem, "The disk is full: nothing was written; try again later.", PROBLEM_JSON, headers=("Retry-After",)
+    ),
 }
 
 

@@ -102,7 +102,7 @@ def _status(status: int, title: str) -> Callable[[errors.ImagegenError], ApiErro
     def problem(exc: errors.ImagegenError) -> ApiError:
         error = ApiError(exc.detail)
         error.status, error.title = status, title
-        if isinstance(exc, errors.QueueFull):
+        if isinstance(exc, (errors.QueueFull, errors.StorageFull)):
             error.headers = {"Retry-After": str(exc.retry_after_s)}
         return error
 
@@ -116,6 +116,7 @@ DOMAIN_ERRORS: dict[type[errors.ImagegenError], Callable[[Any], ApiError]] = {
     errors.JobNotFound: _status(404, "Not Found"),
     errors.JobConflict: _status(409, "Conflict"),
     errors.QueueFull: _status(429, "Too Many Requests"),
+    errors.StorageFull: _status(503, "Service Unavailable"),
 }
 
 

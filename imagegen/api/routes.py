@@ -126,7 +126,7 @@ class CreateHeaders(BaseModel):
             headers=("Location", "Idempotent-Replayed", "Preference-Applied"),
         ),
     },
-    errors=(400, 408, 413, 415, 422, 429),
+    errors=(400, 408, 413, 415, 422, 429, 503),
 )
 async def create_generation(request: web.Request) -> web.Response:
     """POST /generations: commit a job and answer 202 with its id."""
@@ -250,7 +250,7 @@ def render(jobs: JobService, job: Job, links: Links) -> bytes:
     tags=("generations",),
     path=JobPath,
     replies={200: Reply(Job, "The job, now canceled.")},
-    errors=(404, 409, 422),
+    errors=(404, 409, 422, 503),
 )
 async def cancel_generation(request: web.Request) -> web.Response:
     """POST /generations/{jobId}/cancel: stop a pending or processing job."""
@@ -264,7 +264,7 @@ async def cancel_generation(request: web.Request) -> web.Response:
     tags=("generations",),
     path=JobPath,
     replies={204: Reply(None, "Deleted: the job and its image URLs answer 404 from now on.")},
-    errors=(404, 409, 422),
+    errors=(404, 409, 422, 503),
 )
 async def delete_generation(request: web.Request) -> web.Response:
     """DELETE /generations/{jobId}: remove a finished job and its image files."""

@@ -29,7 +29,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from ..config import StorageSettings
-from ..errors import StartupError
+from ..errors import StartupError, StorageFull
 from ..feed import Feed
 from ..models import Job, JobStatus, now_text
 from . import Idempotency, JobEvent, KeyReused, NewJob, PendingJob, QueueLimit, list_query
@@ -403,7 +403,10 @@ class PostgresStore:
 
     async def _run(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         async with self._pool.connection() as conn:
-            rows = await (await conn.execute(sql, params)).fetchall()
+            try:
+                rows = await (await conn.execute(sql, params)).fetchall()
+            except psycopg.errors.DiskFull:
+                raise StorageFull() from None  # nothing was written; 503 to a client
         self._wake.set()
         return rows
 

@@ -18,14 +18,16 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import aiosqlite
 
-from ..errors import StartupError
+from ..errors import StartupError, StorageFull
 from ..feed import Feed
 from ..models import Job, JobStatus, now_text
 from . import Idempotency, JobEvent, KeyReused, NewJob, PendingJob, list_query
@@ -370,14 +372,58 @@ def _database_problem(path: Path, exc: sqlite3.Error) -> str:
 
 
 class _Pending:
-    """A queued write and the future its caller awaits."""
+    """A queued write and the future its caller awaits; `frees`: it may use the disk reserve."""
 
-    __slots__ = ("op", "finish", "future")
+    __slots__ = ("op", "finish", "future", "frees")
 
-    def __init__(self, op: WriteOp, finish: Finish, future: asyncio.Future[Any]) -> None:
+    def __init__(self, op: WriteOp, finish: Finish, future: asyncio.Future[Any], frees: bool = False) -> None:
         self.op = op
         self.finish = finish
         self.future = future
+        self.frees = frees
+
+
+# --- a full disk -------------------------------------------------------------------------------
+
+# A file of this size is kept beside the database while there is room, and removed when the disk
+# fills up, as databases keep a reserve: the writes that free space (a delete, retention) then
+# still commit, while every other write is refused with StorageFull until space returns.
+RESERVE_FILE = "imagegen.reserve"
+RESERVE_BYTES = 1024 * 1024
+# Taken again only with this much free beyond it, so it is not taken and released in turn.
+RESERVE_HEADROOM = RESERVE_BYTES
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
+def _hold_reserve(path: Path) -> bool:
+    """Create the reserve file if it is missing and the disk has room for it; whether it is held."""
+    if path.exists():
+        return True
+    if shutil.disk_usage(path.parent).free < RESERVE_HEADROOM + RESERVE_BYTES:
+        return False
+    tmp = path.with_suffix(".tmp")
+    try:
+        with open(tmp, "wb") as file:
+            file.write(b"\0" * RESERVE_BYTES)  # written, not sparse: the space must really be taken
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def _release_reserve(path: Path) -> bool:
+    """Remove the reserve file; whether there was one to free."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _no_events(result: Any) -> tuple[Any, Sequence[JobEvent]]:
@@ -413,6 +459,9 @@ class SQLiteStore:
         self._feed = feed
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._reserve = Path(RESERVE_FILE)  # beside the database: set by open()
+        self._reserve_held = False
+        self._next_reserve_try = 0.0
 
     @classmethod
     async def open(cls, path: Path, feed: Feed) -> SQLiteStore:
@@ -423,13 +472,19 @@ class SQLiteStore:
         """
         lock = await asyncio.to_thread(_lock_data_dir, path.parent)
         writer = reader = None
+        reserve = path.parent / RESERVE_FILE
         try:
             try:
+                # A start on a full disk must still write (the migration check, the WAL): the
+                # reserve makes that room, and is taken again once there is space.
+                await asyncio.to_thread(_release_reserve, reserve)
                 await asyncio.to_thread(_create_if_missing, path)
                 writer = await _connect(path)
                 await _on_connection_thread(writer, _migrate)
                 reader = await _connect(path)
                 store = cls(writer, reader, feed, lock)
+                store._reserve = reserve
+                store._reserve_held = await asyncio.to_thread(_hold_reserve, reserve)
                 latest, _ = await store.horizon()
             except sqlite3.Error as exc:
                 raise StartupError(_database_problem(path, exc)) from None
@@ -462,7 +517,7 @@ class SQLiteStore:
             finally:
                 self._lock.close()  # closing the file releases the flock
 
-    async def _write(self, op: WriteOp, finish: Finish = _no_events) -> Any:
+    async def _write(self, op: WriteOp, finish: Finish = _no_events, frees: bool = False) -> Any:
         """Run `op(connection)` in the next group commit; once committed, return its result
         as `finish` makes it on the event loop (the feed gets the events `finish` names).
 
@@ -471,7 +526,7 @@ class SQLiteStore:
         as a unit.
         """
         future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(op, finish, future))
+        self._queue.put_nowait(_Pending(op, finish, future, frees))
         # A cancelled caller cancels only this future; the op stays queued and commits, and
         # the writer skips resolving a future that is already done.
         return await future
@@ -493,6 +548,7 @@ class SQLiteStore:
             ops = [item.op for item in batch]
             try:
                 outcomes = await _on_connection_thread(self._writer, lambda conn: _commit(conn, ops))
+                outcomes = await self._when_full(batch, outcomes)
             except Exception as exc:
                 # Only a broken connection gets here: fail the callers, keep the writer alive.
                 log.exception("write batch failed")
@@ -508,6 +564,29 @@ class SQLiteStore:
                     else:
                         item.future.set_exception(result)
                 self._queue.task_done()
+
+    async def _when_full(self, batch: list[_Pending], outcomes: list[tuple[bool, Any]]) -> list[tuple[bool, Any]]:
+        """The batch's outcomes once a full disk is dealt with: the writes that free space run
+        again on the reserve, if it is held; the rest fail with StorageFull (503, retryable)."""
+        full = [i for i, (ok, raw) in enumerate(outcomes) if not ok and _disk_full(raw)]
+        if not full:
+            if not self._reserve_held and time.monotonic() >= self._next_reserve_try:
+                self._next_reserve_try = time.monotonic() + 1.0
+                self._reserve_held = await asyncio.to_thread(_hold_reserve, self._reserve)
+            return outcomes
+        outcomes = list(outcomes)
+        freeing = [i for i in full if batch[i].frees]
+        if freeing and await asyncio.to_thread(_release_reserve, self._reserve):
+            log.warning("the disk is full: released the %d MiB reserve so that jobs can end and be deleted",
+                        RESERVE_BYTES // 2**20)
+            self._reserve_held = False
+            ops = [batch[i].op for i in freeing]
+            for i, outcome in zip(freeing, await _on_connection_thread(self._writer, lambda conn: _commit(conn, ops))):
+                outcomes[i] = outcome
+        for i, (ok, raw) in enumerate(outcomes):
+            if not ok and _disk_full(raw):
+                outcomes[i] = (False, StorageFull())
+        return outcomes
 
     # --- admission and reads ---------------------------------------------------------------
 
@@ -568,7 +647,8 @@ class SQLiteStore:
         return await self._change("job.progress", job.job_id, ADD_IMAGE, params)
 
     async def complete(self, job: Job, owner: str) -> JobEvent | None:
-        return await self._change("job.completed", job.job_id, COMPLETE_JOB, (now_text(), job.job_id, job.attempts))
+        params = (now_text(), job.job_id, job.attempts)
+        return await self._change("job.completed", job.job_id, COMPLETE_JOB, params)
 
     async def fail(self, job: Job, code: str, message: str, retryable: bool, owner: str) -> JobEvent | None:
         params = (code, message, now_text(), job.job_id, job.attempts, int(retryable))
@@ -618,7 +698,7 @@ class SQLiteStore:
             conn.execute(DELETE_JOB_KEYS, (job_id,))
             return rows
 
-        return await self._write(op, lambda r: _event_rows(r) if isinstance(r, list) else (r, ()))
+        return await self._write(op, lambda r: _event_rows(r) if isinstance(r, list) else (r, ()), frees=True)
 
     async def expire(self, completed_before: str, limit: int) -> list[JobEvent]:
         def op(conn: sqlite3.Connection) -> list[Any]:
@@ -630,7 +710,7 @@ class SQLiteStore:
                 conn.execute(DELETE_JOB_KEYS, (job_id,))
             return rows
 
-        return await self._write(op, _event_list)
+        return await self._write(op, _event_list, frees=True)
 
     async def existing(self, job_ids: list[str]) -> set[str]:
         found: set[str] = set()
@@ -640,8 +720,8 @@ class SQLiteStore:
             found.update(row["id"] for row in await self._fetch_all(sql, tuple(chunk)))
         return found
 
-    async def _change(self, name: str, job_id: str, sql: str, params: tuple[Any, ...]) -> JobEvent | None:
-        return await self._write(_event_op(name, job_id, sql, params), _event_rows)
+    async def _change(self, name: str, job_id: str, sql: str, params: tuple[Any, ...], frees: bool = False) -> JobEvent | None:
+        return await self._write(_event_op(name, job_id, sql, params), _event_rows, frees)
 
     # --- the event log ---------------------------------------------------------------------
 
@@ -676,7 +756,7 @@ class SQLiteStore:
             conn.execute(PRUNE_IDEMPOTENCY_KEYS, (keys_before,))
             return cutoff
 
-        return await self._write(op)
+        return await self._write(op, frees=True)
 
 
 def _finish(item: _Pending, ok: bool, raw: Any) -> tuple[bool, Any, Sequence[JobEvent]]:
