@@ -493,6 +493,11 @@ class PostgresStore:
         return await self._change(RETRY_JOB, self._held(job, owner, code=code, message=message, not_before=not_before))
 
     async def release_all(self, owner: str) -> list[JobEvent]:
+        # A claim still in flight (its worker was stopped while it waited; the write itself
+        # runs to its end) would commit after this release and hold its job until the lease
+        # ran out: let every write in flight land first.
+        if self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
         rows = await self._write(RELEASE_JOBS, {"owner": owner, "now": now_text()})
         return sorted((_event(row) for row in rows), key=lambda event: event.seq)
 
