@@ -16,12 +16,13 @@ from aiohttp import web
 
 from .config import SETTINGS, Settings
 from .jobs import timestamp_in
+from .metrics import METRICS, Metrics
 from .store import STORE, JobStore
 
 log = logging.getLogger(__name__)
 
 
-async def maintain_forever(store: JobStore, settings: Settings) -> None:
+async def maintain_forever(store: JobStore, settings: Settings, metrics: Metrics | None = None) -> None:
     """Prune every events.prune_interval_s; on PostgreSQL rescue every half lease."""
     prune_every = settings.events.prune_interval_s
     # A lease expires lease_s after the last heartbeat; checking twice per lease rescues a
@@ -32,6 +33,8 @@ async def maintain_forever(store: JobStore, settings: Settings) -> None:
         try:
             if rescue_every is not None:
                 rescued = await store.recover(settings.jobs.max_recoveries)
+                if metrics is not None:
+                    metrics.rescues.inc(len(rescued))
                 if rescued:
                     log.warning("rescued %d jobs whose worker stopped heartbeating", len(rescued))
             if time.monotonic() >= next_prune:
@@ -44,7 +47,7 @@ async def maintain_forever(store: JobStore, settings: Settings) -> None:
 
 async def maintenance_context(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: the upkeep task runs while the app runs."""
-    task = asyncio.create_task(maintain_forever(app[STORE], app[SETTINGS]), name="imagegen-maintenance")
+    task = asyncio.create_task(maintain_forever(app[STORE], app[SETTINGS], app.get(METRICS)), name="imagegen-maintenance")
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
