@@ -38,6 +38,19 @@ def value(found: dict[Any, float], name: str, **labels: str) -> float:
     return found.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+async def scrape_once_counted(client: TestClient, name: str, expected: float, **labels: str) -> dict[Any, float]:
+    """A scrape once `name` has reached `expected`. A worker counts its commit when the commit's
+    answer reaches it, which on PostgreSQL can be just after the job reads as finished (from the
+    database, or the feed, which reads the events table)."""
+
+    async def poll() -> dict[Any, float]:
+        while value(found := await scrape(client), name, **labels) != expected:
+            await asyncio.sleep(0.02)  # polling interval, bounded by wait_for
+        return found
+
+    return await asyncio.wait_for(poll(), 10)
+
+
 # --- health ----------------------------------------------------------------------------------
 
 
@@ -150,7 +163,7 @@ async def test_metrics_move_as_jobs_run(client: TestClient) -> None:
     await client.get("/generations/00000000-0000-7000-8000-000000000000")  # 404: same template
     await client.get("/no/such/path")
 
-    after = await scrape(client)
+    after = await scrape_once_counted(client, "imagegen_jobs_finished_total", 1, status="completed")
     assert value(after, "imagegen_jobs_created_total") == 1
     assert value(after, "imagegen_jobs_finished_total", status="completed") == 1
     assert value(after, "imagegen_jobs", status="completed") == 1
@@ -193,7 +206,7 @@ async def test_provider_errors_and_retries_are_counted(make_client: Any) -> None
     client = await make_client(provider={"fail_attempts": 1}, jobs={"retry_base_s": 0, "retry_max_s": 0})
     job_id = await create_job(client)
     await wait_for_status(client, job_id, {"completed"})
-    found = await scrape(client)
+    found = await scrape_once_counted(client, "imagegen_jobs_finished_total", 1, status="completed")
     assert value(found, "imagegen_provider_errors_total", code="simulated_failure") == 1
     assert value(found, "imagegen_job_retries_total") == 1
     assert value(found, "imagegen_jobs_finished_total", status="completed") == 1
