@@ -51,9 +51,11 @@ WRK_TIMEOUT = "10s"  # wrk's default of 2 s would drop slow responses instead of
 
 # name -> (server, route); the order is the run order. Servers: "baseline" is
 # bench/baseline_app.py; "sqlite" one server.py on SQLite; "pg1" one server.py on PostgreSQL;
-# "pg2" two server.py processes on one PostgreSQL database and one data directory.
+# "pg2" two server.py processes on one PostgreSQL database and one data directory;
+# "sqlite-nometrics" the SQLite one with [metrics] enabled = false, what the metrics cost.
 SCENARIOS = {
     "bare POST": ("baseline", "create"),
+    "create (no metrics)": ("sqlite-nometrics", "create"),
     "create": ("sqlite", "create"),
     "create (pg, 1 proc)": ("pg1", "create"),
     "create (pg, 2 procs)": ("pg2", "create"),
@@ -62,7 +64,7 @@ SCENARIOS = {
     "get (pg, 1 proc)": ("pg1", "get"),
     "get (pg, 2 procs)": ("pg2", "get"),
 }
-PROCESSES = {"sqlite": 1, "pg1": 1, "pg2": 2}
+PROCESSES = {"sqlite": 1, "sqlite-nometrics": 1, "pg1": 1, "pg2": 2}
 TARGETS = {
     "create": {"baseline": "bare POST", "min_ratio": 0.6, "max_p99_ms": 25.0},
     "get": {"baseline": "bare GET", "min_ratio": 0.8, "max_p99_ms": None},
@@ -74,6 +76,10 @@ REPORTED = {
     "get (pg, 1 proc)": "bare GET",
     "get (pg, 2 procs)": "bare GET",
 }
+# What the metrics cost: creates with them (the default) over creates without, in one round.
+# The target is that they cost less than 5% of create throughput.
+METRICS_COST = {"create": "create (no metrics)"}
+METRICS_MIN_RATIO = 0.95
 
 # wrk calls done() once, after the run: print the numbers as one JSON line, so no parsing of
 # wrk's human-readable units is needed. Latencies are in microseconds, over every thread.
@@ -230,6 +236,8 @@ class Targets:
                 # API would: the workers wait on it and the measured work is accepting jobs.
                 delay = CREATE_DELAY_S if route == "create" else 0.0
                 extra: dict[str, str] = {}
+                if which == "sqlite-nometrics":
+                    extra = {"IMAGEGEN_METRICS__ENABLED": "false"}
                 shared: Path | None = None
                 if which.startswith("pg"):
                     assert self.pg is not None
@@ -316,6 +324,10 @@ def summarise(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, An
         if name in summary:
             ratio = statistics.median(r[name]["rps"] / r[baseline]["rps"] for r in rounds)
             summary[name].update(ratio=ratio, baseline=baseline, target=None)
+    for name, without in METRICS_COST.items():
+        if name in summary and without in summary:
+            ratio = statistics.median(r[name]["rps"] / r[without]["rps"] for r in rounds)
+            summary[name]["vs_no_metrics"] = ratio
     return summary
 
 
@@ -338,6 +350,12 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
             result += f" ({s['errors']} wrk errors)"
         row = f"{name:<20} {s['rps']:>9.0f} {s['p99_ms']:>8.1f} {ratio:>8}  {goal:<26} {result}"
         rows.append(row.rstrip())
+    for name, without in METRICS_COST.items():
+        if "vs_no_metrics" in summary.get(name, {}):
+            ratio = summary[name]["vs_no_metrics"]
+            met = "met" if ratio >= METRICS_MIN_RATIO else "NOT MET"
+            rows.append(f"metrics cost: {name} / {without} = {ratio:.3f}x "
+                        f"(target >= {METRICS_MIN_RATIO:.2f}x: less than 5% of create throughput) {met}")
     return "\n".join(rows)
 
 

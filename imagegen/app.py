@@ -6,7 +6,7 @@ from typing import Literal
 
 from aiohttp import web
 
-from .api import auth, page, routes, streams
+from .api import auth, health, page, routes, streams
 from .api.cors import add_cors
 from .api.docs import add_docs
 from .api.forwarded import forwarded_middleware
@@ -19,6 +19,7 @@ from .events import broadcaster_context, end_streams
 from .feed import FEED, Feed
 from .jobs import jobs_context
 from .maintenance import maintenance_context
+from .metrics import METRICS, Metrics
 from .models import CreateJob
 from .providers import provider_context
 from .storage import IMAGES, ImageStore
@@ -49,6 +50,10 @@ def create_app(settings: Settings, role: Role = "all") -> web.Application:
     app[IMAGES] = ImageStore(settings.storage.data_dir)
     app[routes.CREATE_JOB] = CreateJob.configured(settings)
     app[PUBLIC_URL] = settings.server.public_url
+    if settings.metrics.enabled:
+        app[METRICS] = Metrics()  # before any context: each counts into it from its start
+    app[health.READINESS] = readiness = health.Readiness(workers=role in ("all", "worker"))
+    app.on_shutdown.append(readiness.on_shutdown)  # first: unready the moment shutdown begins
     # Order matters: each context needs the ones before it, and they unwind in reverse, so
     # the workers stop before the provider closes and the store closes last.
     if settings.auth.enabled:
@@ -66,6 +71,7 @@ def create_app(settings: Settings, role: Role = "all") -> web.Application:
         app.cleanup_ctx.append(page.page_context)
         app.on_shutdown.append(end_streams)
         _add_routes(app.router)
+        _add_health_routes(app.router, metrics=settings.metrics.enabled)
         if settings.auth.enabled:
             app.router.add_post("/tokens", problem_errors(auth.create_token))
         add_docs(app)
@@ -93,3 +99,10 @@ def _add_routes(router: web.UrlDispatcher) -> None:
     router.add_post("/generations/{jobId}/cancel", problem_errors(routes.cancel_generation))
     # ASCII digits only (\d would take other scripts' digits), and no more than an index can be.
     router.add_get(r"/images/{jobId}/{index:[0-9]{1,6}}.png", problem_errors(routes.get_image))
+
+
+def _add_health_routes(router: web.UrlDispatcher, metrics: bool) -> None:
+    router.add_get("/healthz", problem_errors(health.healthz))
+    router.add_get("/readyz", problem_errors(health.readyz))
+    if metrics:  # off: /metrics is no route at all (404)
+        router.add_get("/metrics", problem_errors(health.metrics))

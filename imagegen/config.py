@@ -177,6 +177,15 @@ class AuthSettings(Section):
         return self
 
 
+class HealthSettings(Section):
+    # GET /readyz's bound on its database write: a stuck database is a 503 within this, not a hang.
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+
+
+class MetricsSettings(Section):
+    enabled: bool = True
+
+
 class Settings(Section):
     """Every setting of the service; see config.toml for what each one means."""
 
@@ -190,6 +199,8 @@ class Settings(Section):
     provider: ProviderSettings = ProviderSettings()
     events: EventSettings = EventSettings()
     auth: AuthSettings = AuthSettings()
+    health: HealthSettings = HealthSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @field_validator("provider")
     @classmethod

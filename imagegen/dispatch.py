@@ -32,6 +32,7 @@ from aiohttp import web
 
 from .config import SETTINGS, Settings
 from .feed import FEED, Feed
+from .metrics import METRICS, Metrics
 from .models import Job
 from .store import STORE, JobEvent, JobStore, PendingJob
 
@@ -213,9 +214,10 @@ class LocalDispatcher(_FeedFollower):
 
     counts_in_database = False
 
-    def __init__(self, store: JobStore, feed: Feed, settings: Settings) -> None:
+    def __init__(self, store: JobStore, feed: Feed, settings: Settings, metrics: Metrics | None = None) -> None:
         super().__init__(feed)
         self._store = store
+        self._metrics = metrics
         self._max_recoveries = settings.jobs.max_recoveries
         # Job ids waiting for a worker, by tenant. The database is the truth: this queue is
         # rebuilt from the pending jobs at every start.
@@ -224,7 +226,9 @@ class LocalDispatcher(_FeedFollower):
     async def start(self) -> None:
         # Alone on the file, so whatever is processing was running when the process died.
         # Handed back before subscribing: the pending jobs read next include those.
-        await self._store.recover(self._max_recoveries)
+        recovered = await self._store.recover(self._max_recoveries)
+        if self._metrics is not None:
+            self._metrics.recoveries.inc(len(recovered))
         self._follow()
         for job in await self.index.load(self._store):
             self._enqueue(job.owner, job.job_id, job.not_before)
@@ -321,7 +325,7 @@ async def dispatcher_context(app: web.Application) -> AsyncIterator[None]:
     if store.backend == "postgres":
         dispatcher = DatabaseDispatcher(store, app[FEED], app[SETTINGS])  # type: ignore[arg-type]
     else:
-        dispatcher = LocalDispatcher(store, app[FEED], app[SETTINGS])
+        dispatcher = LocalDispatcher(store, app[FEED], app[SETTINGS], app.get(METRICS))
     await dispatcher.start()
     app[DISPATCHER] = dispatcher
     yield

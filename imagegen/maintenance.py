@@ -16,6 +16,7 @@ from aiohttp import web
 
 from .config import SETTINGS, Settings
 from .jobs import timestamp_in
+from .metrics import METRICS, Metrics
 from .storage import IMAGES, ImageStore
 from .store import STORE, JobStore
 
@@ -55,7 +56,9 @@ async def sweep_images(store: JobStore, images: ImageStore) -> int:
     return await images.sweep([job_id for job_id in on_disk if job_id not in existing], stale_after)
 
 
-async def maintain_forever(store: JobStore, images: ImageStore, settings: Settings) -> None:
+async def maintain_forever(
+    store: JobStore, images: ImageStore, settings: Settings, metrics: Metrics | None = None
+) -> None:
     """Sweep the image files once; then prune and expire every events.prune_interval_s (a first
     pass at once); on PostgreSQL rescue every half lease."""
     try:
@@ -73,6 +76,8 @@ async def maintain_forever(store: JobStore, images: ImageStore, settings: Settin
         try:
             if rescue_every is not None:
                 rescued = await store.recover(settings.jobs.max_recoveries)
+                if metrics is not None:
+                    metrics.rescues.inc(len(rescued))
                 if rescued:
                     log.warning("rescued %d jobs whose worker stopped heartbeating", len(rescued))
             if time.monotonic() >= next_prune:
@@ -89,7 +94,9 @@ async def maintain_forever(store: JobStore, images: ImageStore, settings: Settin
 
 async def maintenance_context(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: the upkeep task runs while the app runs."""
-    task = asyncio.create_task(maintain_forever(app[STORE], app[IMAGES], app[SETTINGS]), name="imagegen-maintenance")
+    task = asyncio.create_task(
+        maintain_forever(app[STORE], app[IMAGES], app[SETTINGS], app.get(METRICS)), name="imagegen-maintenance"
+    )
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import socket
+import time
 from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
@@ -23,6 +24,7 @@ from .dispatch import DISPATCHER, Dispatcher
 from .errors import StorageFull
 from .feed import FEED
 from .jobs import timestamp_in
+from .metrics import METRICS, Metrics
 from .models import Job
 from .providers import PROVIDER, ImageProvider, ImageRequest, ProviderError, render_prompt
 from .storage import IMAGES, ImageStore
@@ -70,8 +72,10 @@ class WorkerPool:
         provider: ImageProvider,
         images: ImageStore,
         settings: Settings,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         self._dispatcher = dispatcher
         self._provider = provider
         self._images = images
@@ -94,6 +98,11 @@ class WorkerPool:
             task = asyncio.create_task(self._run(), name=f"imagegen-worker-{number}")
             self._tasks.append(task)
         self._heartbeat = asyncio.create_task(self._heartbeat_forever(), name="imagegen-heartbeat")
+
+    @property
+    def running(self) -> bool:
+        """Started, not stopping, and every worker task alive (readiness)."""
+        return bool(self._tasks) and self._stopped is None and not any(task.done() for task in self._tasks)
 
     def interrupt_canceled(self, events: Sequence[JobEvent]) -> None:
         """Feed listener: a job canceled while drawing here (the cancel committed on any
@@ -232,7 +241,12 @@ class WorkerPool:
                         job.job_id, index, job.animal, self._provider_settings.image_size, job.attempts,
                         prompt, count=job.num_images - index,
                     )
+                    started = time.perf_counter()
                     drawn = await self._generate(request)
+                    if self._metrics is not None and drawn:
+                        each = (time.perf_counter() - started) / len(drawn)
+                        for _ in drawn:
+                            self._metrics.image_duration.observe(each)
                 data = drawn.pop(0)
                 try:
                     path = await self._images.save(job.job_id, index, job.attempts, data)
@@ -279,6 +293,8 @@ class WorkerPool:
 
     async def _failed(self, job: Job, exc: ProviderError) -> None:
         settings = self._job_settings
+        if self._metrics is not None:
+            self._metrics.provider_errors.labels(exc.code).inc()
         if exc.retryable and job.attempts < settings.max_attempts:
             delay = backoff_s(job.attempts, settings.retry_base_s, settings.retry_max_s, exc.retry_after)
             log.warning("job %s attempt %d failed (%s), retrying in %.1fs", job.job_id, job.attempts, exc.code, delay)
@@ -297,7 +313,7 @@ WORKERS = web.AppKey("workers", WorkerPool)
 async def workers_context(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: workers run while the app runs and stop first (contexts unwind in reverse)."""
     settings = app[SETTINGS]
-    pool = WorkerPool(app[STORE], app[DISPATCHER], app[PROVIDER], app[IMAGES], settings)
+    pool = WorkerPool(app[STORE], app[DISPATCHER], app[PROVIDER], app[IMAGES], settings, app.get(METRICS))
     app[FEED].subscribe(pool.interrupt_canceled)
     pool.start(settings.workers.count)
     app[WORKERS] = pool

@@ -10,7 +10,7 @@ handler with `@access`:
   stream opened with a token ends when the token expires;
 - "image": the header, or the `?exp=...&sig=...` that signed image URLs carry (an <img> cannot
   send headers either); the handler checks the signature;
-- "public": nothing (the page's shell and the API documentation; health later).
+- "public": nothing (the page's shell, the API documentation, health and metrics).
 
 With auth off there is no middleware at all (it would cost every request two coroutine
 layers), and `tenant_of` is None: every job is visible, as before.

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..config import SETTINGS
 from ..events import BROADCASTER, ReplayGap, Subscription, replay
 from ..jobs import JOBS, owner_filter
+from ..metrics import METRICS
 from ..models import Job
 from ..store import STORE, JobEvent
 from .access import access
@@ -131,6 +132,7 @@ class _Stream:
         self.subscription = subscription
         self.jobs = request.app[JOBS]
         self.sent = 0
+        self._metrics = request.app.get(METRICS)
         self.response = EventSourceResponse(ping_interval=settings.heartbeat_s)
         # `retry:` goes out in the same block as the first event, never alone: a block with a
         # retry field and no data is an event of its own to some clients (httpx-sse yields it).
@@ -174,6 +176,8 @@ class _Stream:
         if event.seq > self.sent:
             await self.write(event_frame(event, links(self.request), self.jobs.queue_position(event.job_id)))
             self.sent = event.seq
+            if self._metrics is not None:
+                self._metrics.events_delivered.inc()
 
     async def send_plain(self, name: str, data: dict[str, Any], seq: int | None = None) -> None:
         await self.write(_plain_frame(name, data, seq))
@@ -197,10 +201,15 @@ class _Stream:
                 frames.append(event_frame(event, batch_links, self.jobs.queue_position(event.job_id)))
                 self.sent = event.seq
                 if stop_after_terminal and event.terminal:
-                    await self.write(b"".join(frames))
+                    await self._write_events(frames)
                     return
             if frames:
-                await self.write(b"".join(frames))
+                await self._write_events(frames)
+
+    async def _write_events(self, frames: list[bytes]) -> None:
+        await self.write(b"".join(frames))
+        if self._metrics is not None:
+            self._metrics.events_delivered.inc(len(frames))
 
     async def reset(self, latest: int, reason: str) -> None:
         """The client's id is beyond what we retain: say so, and move it to `latest`."""

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from ..config import SETTINGS, Settings
 from ..feed import FEED, Feed
+from ..metrics import METRICS, Metrics
 from ..models import TERMINAL, Job, JobStatus
 from ..storage import check_data_dir
 
@@ -178,6 +179,14 @@ class JobStore(Protocol):
         `keys_before`; return the new pruned-through event id. On PostgreSQL one node at a
         time does it; the others return at once."""
 
+    # --- operations (health and metrics) ---
+    async def check_write(self) -> None:
+        """Commit one small write (a row of `meta`), as every write is committed; raise if the
+        database cannot. The readiness check: its caller bounds it with a timeout."""
+    async def job_counts(self) -> tuple[dict[str, int], str | None]:
+        """How many jobs are in each status (absent: none), and when the oldest pending job was
+        created (None: none is pending)."""
+
     async def close(self) -> None: ...
 
 
@@ -193,15 +202,16 @@ def list_query(
 STORE = web.AppKey("store", JobStore)
 
 
-async def open_store(settings: Settings, feed: Feed) -> JobStore:
-    """Open the configured backend (migrating its schema), publishing to `feed`."""
+async def open_store(settings: Settings, feed: Feed, metrics: Metrics | None = None) -> JobStore:
+    """Open the configured backend (migrating its schema), publishing to `feed`; with `metrics`,
+    it counts what it commits and how long its writes take."""
     if settings.storage.backend == "postgres":
         from .postgres import PostgresStore
 
-        return await PostgresStore.open(settings.storage, feed)
+        return await PostgresStore.open(settings.storage, feed, metrics)
     from .sqlite import SQLiteStore
 
-    return await SQLiteStore.open(settings.database_path, feed)
+    return await SQLiteStore.open(settings.database_path, feed, metrics)
 
 
 async def store_context(app: web.Application) -> AsyncIterator[None]:
@@ -210,7 +220,7 @@ async def store_context(app: web.Application) -> AsyncIterator[None]:
     # The image directory first: the store is the first resource to open, and on SQLite the
     # database lives there too. Each failure is one StartupError, with nothing left open.
     await asyncio.to_thread(check_data_dir, settings.storage.data_dir)
-    store = await open_store(settings, app[FEED])
+    store = await open_store(settings, app[FEED], app.get(METRICS))
     app[STORE] = store
     # In a finally: when a later context fails at start-up, aiohttp skips this cleanup and
     # run_app only closes the suspended generator; without it, open connections' threads

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -33,6 +34,9 @@ from ..errors import StartupError, StorageFull
 from ..feed import Feed
 from ..models import Job, JobStatus, now_text
 from . import Idempotency, JobEvent, KeyReused, NewJob, PendingJob, QueueLimit, list_query
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +245,16 @@ ON CONFLICT (key) DO UPDATE SET value = greatest(meta.value, %(cutoff)s)
 """
 PRUNE_IDEMPOTENCY_KEYS = "DELETE FROM idempotency_keys WHERE created_at < %s"
 
+# The readiness check's write: one row of meta, the Unix time in milliseconds of the last check.
+HEALTH_CHECK = """
+INSERT INTO meta (key, value) VALUES ('health_checked_at', %(now_ms)s)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value
+"""
+
+# For /metrics, at scrape time (both through jobs_status_seq).
+JOB_COUNTS = "SELECT status, count(*) AS n FROM jobs GROUP BY status"
+OLDEST_PENDING = "SELECT created_at FROM jobs WHERE status = 'pending' ORDER BY seq LIMIT 1"
+
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version    integer PRIMARY KEY,                -- a migration file's number
@@ -312,16 +326,19 @@ class PostgresStore:
     # be a few milliseconds older than the database.
     feed_is_synchronous = False
 
-    def __init__(self, url: str, pool: AsyncConnectionPool[Connection], feed: Feed) -> None:
+    def __init__(
+        self, url: str, pool: AsyncConnectionPool[Connection], feed: Feed, metrics: Metrics | None = None
+    ) -> None:
         self._url = url
         self._pool = pool
         self._feed = feed
+        self._metrics = metrics
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._writes: set[asyncio.Task[Any]] = set()
 
     @classmethod
-    async def open(cls, settings: StorageSettings, feed: Feed) -> PostgresStore:
+    async def open(cls, settings: StorageSettings, feed: Feed, metrics: Metrics | None = None) -> PostgresStore:
         """Connect, migrate, and start following the event log (from its current end)."""
         url = settings.database_url
         await _migrate(url)
@@ -339,7 +356,7 @@ class PostgresStore:
         except Exception as exc:
             await pool.close()
             raise _connect_error(url, exc) from None
-        store = cls(url, pool, feed)
+        store = cls(url, pool, feed, metrics)
         latest, _ = await store.horizon()
         feed.last_seq = latest
         store._tasks = [
@@ -403,18 +420,27 @@ class PostgresStore:
 
     async def _run(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         async with self._pool.connection() as conn:
+            started = time.perf_counter()
             try:
                 rows = await (await conn.execute(sql, params)).fetchall()
             except psycopg.errors.DiskFull:
                 raise StorageFull() from None  # nothing was written; 503 to a client
+            if self._metrics is not None:
+                self._metrics.commit_duration.observe(time.perf_counter() - started)
         self._wake.set()
         return rows
+
+    def _committed(self, events: list[JobEvent]) -> list[JobEvent]:
+        """`events`, committed by this node, counted in its metrics (the feed carries every node's)."""
+        if self._metrics is not None:
+            self._metrics.committed(events)
+        return events
 
     async def _change(self, sql: str, params: dict[str, Any]) -> JobEvent | None:
         """A conditional change of one job with its event; None if the condition did not hold
         (e.g. the job moved on): then nothing happened."""
         rows = await self._write(sql, params)
-        return _event(rows[0]) if rows else None
+        return self._committed([_event(rows[0])])[0] if rows else None
 
     async def _fetch_one(self, sql: str, params: Any = ()) -> dict[str, Any] | None:
         async with self._pool.connection() as conn:
@@ -442,9 +468,10 @@ class PostgresStore:
             return KeyReused(row["reused_job_id"], row["same_body"])
         if row["pending"] is not None:
             raise QueueLimit(row["pending"], tenant=row["tenant_limited"])
-        return JobEvent(
+        event = JobEvent(
             row["event_seq"], "job.created", new.job_id, row["snapshot"], row["job_seq"], "pending", new.owner
         )
+        return self._committed([event])[0]
 
     async def idempotency_key_job(self, key: str, owner: str | None) -> str | None:
         row = await self._fetch_one(IDEMPOTENCY_KEY, (owner or "", key))
@@ -457,6 +484,17 @@ class PostgresStore:
     async def list(self, below_seq: int, limit: int, status: JobStatus | None, owner: str | None = None) -> list[Job]:
         rows = await self._fetch_all(*list_query(LIST_JOBS, below_seq, limit, status, owner))
         return [Job.from_row(row) for row in rows]
+
+    async def job_counts(self) -> tuple[dict[str, int], str | None]:
+        rows = await self._fetch_all(JOB_COUNTS)
+        oldest = await self._fetch_one(OLDEST_PENDING)
+        return {row["status"]: row["n"] for row in rows}, (None if oldest is None else oldest["created_at"])
+
+    async def check_write(self) -> None:
+        # Not through _write: that one is shielded and runs to its end, and a check on a stuck
+        # database must be abandoned (the caller's timeout cancels the statement).
+        async with self._pool.connection() as conn:
+            await conn.execute(HEALTH_CHECK, {"now_ms": time.time_ns() // 1_000_000})
 
     async def pending(self) -> tuple[list[PendingJob], int]:
         async with self._pool.connection() as conn:
@@ -499,7 +537,7 @@ class PostgresStore:
         if self._writes:
             await asyncio.gather(*list(self._writes), return_exceptions=True)
         rows = await self._write(RELEASE_JOBS, {"owner": owner, "now": now_text()})
-        return sorted((_event(row) for row in rows), key=lambda event: event.seq)
+        return self._committed(sorted((_event(row) for row in rows), key=lambda event: event.seq))
 
     async def heartbeat(self, job_ids: list[str], owner: str, lease_s: float) -> int:
         async with self._pool.connection() as conn:
@@ -508,7 +546,7 @@ class PostgresStore:
 
     async def recover(self, max_recoveries: int) -> list[JobEvent]:
         rows = await self._write(RESCUE_JOBS, {"now": now_text(), "max_recoveries": max_recoveries})
-        return sorted((_event(row) for row in rows), key=lambda event: event.seq)
+        return self._committed(sorted((_event(row) for row in rows), key=lambda event: event.seq))
 
     # --- control ---------------------------------------------------------------------------
 
@@ -524,7 +562,7 @@ class PostgresStore:
 
     async def expire(self, completed_before: str, limit: int) -> list[JobEvent]:
         rows = await self._write(EXPIRE_JOBS, {"before": completed_before, "limit": limit})
-        return sorted((_event(row) for row in rows), key=lambda event: event.seq)
+        return self._committed(sorted((_event(row) for row in rows), key=lambda event: event.seq))
 
     async def existing(self, job_ids: list[str]) -> set[str]:
         return {row["id"] for row in await self._fetch_all(EXISTING_JOBS, (job_ids,))}

@@ -23,7 +23,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import aiosqlite
 
@@ -31,6 +31,9 @@ from ..errors import StartupError, StorageFull
 from ..feed import Feed
 from ..models import Job, JobStatus, now_text
 from . import Idempotency, JobEvent, KeyReused, NewJob, PendingJob, list_query
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +197,16 @@ SET_PRUNED_THROUGH = """
 INSERT INTO meta (key, value) VALUES ('events_pruned_through', ?1)
 ON CONFLICT (key) DO UPDATE SET value = max(value, ?1)
 """
+
+# The readiness check's write: one row of meta, the Unix time in milliseconds of the last check.
+HEALTH_CHECK = """
+INSERT INTO meta (key, value) VALUES ('health_checked_at', ?1)
+ON CONFLICT (key) DO UPDATE SET value = ?1
+"""
+
+# For /metrics, at scrape time (both through jobs_status_seq).
+JOB_COUNTS = "SELECT status, count(*) AS n FROM jobs GROUP BY status"
+OLDEST_PENDING = "SELECT created_at FROM jobs WHERE status = 'pending' ORDER BY seq LIMIT 1"
 
 
 # --- connections and migrations --------------------------------------------------------------
@@ -451,12 +464,14 @@ class SQLiteStore:
     feed_is_synchronous = True
 
     def __init__(
-        self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, feed: Feed, lock: IO[bytes]
+        self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, feed: Feed, lock: IO[bytes],
+        metrics: Metrics | None = None,
     ) -> None:
         self._writer = writer
         self._lock = lock
         self._reader = reader
         self._feed = feed
+        self._metrics = metrics
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._reserve = Path(RESERVE_FILE)  # beside the database: set by open()
@@ -464,7 +479,7 @@ class SQLiteStore:
         self._next_reserve_try = 0.0
 
     @classmethod
-    async def open(cls, path: Path, feed: Feed) -> SQLiteStore:
+    async def open(cls, path: Path, feed: Feed, metrics: Metrics | None = None) -> SQLiteStore:
         """Open (creating if needed) the database at `path` and migrate it to the newest schema.
 
         Holds the data directory's lock (imagegen.lock) until close: one process owns the file.
@@ -482,7 +497,7 @@ class SQLiteStore:
                 writer = await _connect(path)
                 await _on_connection_thread(writer, _migrate)
                 reader = await _connect(path)
-                store = cls(writer, reader, feed, lock)
+                store = cls(writer, reader, feed, lock, metrics)
                 store._reserve = reserve
                 store._reserve_held = await asyncio.to_thread(_hold_reserve, reserve)
                 latest, _ = await store.horizon()
@@ -546,6 +561,7 @@ class SQLiteStore:
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             ops = [item.op for item in batch]
+            started = time.perf_counter()
             try:
                 outcomes = await _on_connection_thread(self._writer, lambda conn: _commit(conn, ops))
                 outcomes = await self._when_full(batch, outcomes)
@@ -556,7 +572,12 @@ class SQLiteStore:
             finished = [_finish(item, ok, raw) for item, (ok, raw) in zip(batch, outcomes, strict=True)]
             # The feed hears of the batch after its commit and before any caller does, so
             # anything kept from the feed is never older than what a caller was told.
-            self._feed.publish([event for ok, _, events in finished if ok for event in events])
+            committed = [event for ok, _, events in finished if ok for event in events]
+            self._feed.publish(committed)
+            if self._metrics is not None:
+                self._metrics.commit_duration.observe(time.perf_counter() - started)
+                self._metrics.commit_batch.observe(len(batch))
+                self._metrics.committed(committed)
             for item, (ok, result, _) in zip(batch, finished, strict=True):
                 if not item.future.done():
                     if ok:
@@ -623,6 +644,20 @@ class SQLiteStore:
     async def list(self, below_seq: int, limit: int, status: JobStatus | None, owner: str | None = None) -> list[Job]:
         rows = await self._fetch_all(*list_query(LIST_JOBS, below_seq, limit, status, owner))
         return [Job.from_row(row) for row in rows]
+
+    async def job_counts(self) -> tuple[dict[str, int], str | None]:
+        rows = await self._fetch_all(JOB_COUNTS)
+        oldest = await self._fetch_one(OLDEST_PENDING)
+        return {row["status"]: row["n"] for row in rows}, (None if oldest is None else oldest["created_at"])
+
+    async def check_write(self) -> None:
+        # Through the group-committing writer like every write: it proves the writer alive too.
+        now_ms = time.time_ns() // 1_000_000
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(HEALTH_CHECK, (now_ms,))
+
+        await self._write(op)
 
     async def pending(self) -> tuple[list[PendingJob], int]:
         def read(conn: sqlite3.Connection) -> tuple[list[Any], int]:
