@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from . import logs
 from .config import SETTINGS, Settings
 from .jobs import timestamp_in
 from .store import STORE, JobStore
@@ -34,6 +35,7 @@ async def maintain_forever(store: JobStore, settings: Settings) -> None:
                 rescued = await store.recover(settings.jobs.max_recoveries)
                 if rescued:
                     log.warning("rescued %d jobs whose worker stopped heartbeating", len(rescued))
+                    logs.event_transitions(rescued)
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + prune_every
                 await store.prune(settings.events.retention, timestamp_in(-settings.jobs.idempotency_ttl_s))
