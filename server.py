@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import logging
 import os
 import signal
 import sys
@@ -18,7 +17,7 @@ from pydantic import ValidationError
 from imagegen.app import ROLES, create_app
 from imagegen.config import ENV_PREFIX, ConfigError, ServerSettings, Settings, load_settings
 from imagegen.errors import StartupError
-from imagegen.logs import RequestLog, configure as configure_logging, shutdown_summary, startup_summary
+from imagegen.logs import RequestLog, configure as configure_logging, requests_log, shutdown_summary, startup_summary
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.toml"
 
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             # One line per request from aiohttp's access logger, handed each finished answer:
             # no middleware (see imagegen/logs.py).
             access_log_class=RequestLog,
-            access_log=logging.getLogger("imagegen.requests") if settings.server.request_log else None,
+            access_log=requests_log if settings.server.request_log else None,
             # Called once the socket listens: a server that cannot start logs nothing but its error.
             print=lambda _: startup_summary(
                 app, args.role, f"serving on http://{settings.server.host}:{settings.server.port}"

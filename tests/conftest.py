@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import os
 import re
 import sqlite3
@@ -22,7 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from imagegen.app import create_app
 from imagegen.config import Settings, load_settings
-from imagegen.logs import RequestLog
+from imagegen.logs import RequestLog, requests_log
 
 from . import pgserver
 
@@ -124,7 +123,7 @@ def _toml(value: Any) -> str:
 
 ClientFactory = Callable[..., Awaitable[TestClient]]
 
-REQUEST_LOG = {"access_log_class": RequestLog, "access_log": logging.getLogger("imagegen.requests")}
+REQUEST_LOG = {"access_log_class": RequestLog, "access_log": requests_log}
 
 
 @pytest.fixture
