@@ -19,6 +19,7 @@ from imagegen import connections
 from imagegen.app import ROLES, create_app
 from imagegen.config import ENV_PREFIX, ConfigError, ServerSettings, Settings, load_settings
 from imagegen.errors import StartupError
+from imagegen.logs import RequestLog, configure as configure_logging, requests_log, shutdown_summary, startup_summary
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.toml"
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imagegen: configuration error: --{first['loc'][0]}: {first['msg']}", file=sys.stderr)
         return 2
     settings = settings.model_copy(update={"server": server})
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.server.log_format)
     before, after = connections.raise_open_files_limit()
     if after > before:
         logging.getLogger("imagegen").info("open files limit raised from %d to %d", before, after)
@@ -105,11 +106,16 @@ def main(argv: list[str] | None = None) -> int:
             host=settings.server.host,
             port=settings.server.port,
             shutdown_timeout=settings.workers.shutdown_grace_s,
-            access_log=None,
-            print=lambda _: logging.getLogger("imagegen").info(
-                "serving on http://%s:%d", settings.server.host, settings.server.port
+            # One line per request from aiohttp's access logger, handed each finished answer:
+            # no middleware (see imagegen/logs.py).
+            access_log_class=RequestLog,
+            access_log=requests_log if settings.server.request_log else None,
+            # Called once the socket listens: a server that cannot start logs nothing but its error.
+            print=lambda _: startup_summary(
+                app, args.role, f"serving on http://{settings.server.host}:{settings.server.port}"
             ),
         )
+        shutdown_summary(app)
     except ConfigError as exc:  # found at start-up, e.g. a provider's secret missing from the environment
         print(f"imagegen: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -138,17 +144,19 @@ def _os_error(exc: OSError) -> str:
 
 async def run_worker(settings: Settings) -> None:
     """--role worker: the app's resources and workers, no listening socket, until SIGINT/SIGTERM."""
-    runner = web.AppRunner(create_app(settings, "worker"), handle_signals=False)
+    app = create_app(settings, "worker")
+    runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()  # runs the cleanup contexts' start-up halves: store, dispatcher, workers
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    logging.getLogger("imagegen").info("worker running (%s backend); no HTTP served", settings.storage.backend)
+    startup_summary(app, "worker", "worker running; no HTTP served")
     try:
         await stop.wait()
     finally:
         await runner.cleanup()  # on_shutdown (the workers' grace starts), then the contexts unwind
+    shutdown_summary(app)
 
 
 if __name__ == "__main__":

@@ -61,16 +61,19 @@ SCENARIOS = {
     "create (pg, 2 procs)": ("pg2", "create"),
     "bare GET": ("baseline", "get"),
     "get": ("sqlite", "get"),
+    # The same as "get" with [server] request_log off: what one log line per request costs.
+    "get (no request log)": ("sqlite-quiet", "get"),
     "get (pg, 1 proc)": ("pg1", "get"),
     "get (pg, 2 procs)": ("pg2", "get"),
 }
-PROCESSES = {"sqlite": 1, "sqlite-nometrics": 1, "pg1": 1, "pg2": 2}
+PROCESSES = {"sqlite": 1, "sqlite-nometrics": 1, "sqlite-quiet": 1, "pg1": 1, "pg2": 2}
 TARGETS = {
     "create": {"baseline": "bare POST", "min_ratio": 0.6, "max_p99_ms": 25.0},
     "get": {"baseline": "bare GET", "min_ratio": 0.8, "max_p99_ms": None},
 }
 # No targets on PostgreSQL yet: their ratios are reported, not judged.
 REPORTED = {
+    "get (no request log)": "bare GET",
     "create (pg, 1 proc)": "bare POST",
     "create (pg, 2 procs)": "bare POST",
     "get (pg, 1 proc)": "bare GET",
@@ -238,6 +241,8 @@ class Targets:
                 extra: dict[str, str] = {}
                 if which == "sqlite-nometrics":
                     extra = {"IMAGEGEN_METRICS__ENABLED": "false"}
+                if which == "sqlite-quiet":
+                    extra["IMAGEGEN_SERVER__REQUEST_LOG"] = "false"
                 shared: Path | None = None
                 if which.startswith("pg"):
                     assert self.pg is not None
@@ -275,7 +280,8 @@ def run(args: argparse.Namespace, wrk: str, tmp: Path, pg: Any | None) -> dict[s
     body_file = tmp / "job.json"
     body_file.write_bytes(real_body)
     scenarios = {
-        name: spec for name, spec in SCENARIOS.items() if pg is not None or not spec[0].startswith("pg")
+        name: spec for name, spec in SCENARIOS.items()
+        if (pg is not None or not spec[0].startswith("pg")) and not (args.get_only and spec[1] != "get")
     }
 
     rounds: list[dict[str, dict[str, Any]]] = []
@@ -315,6 +321,8 @@ def summarise(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, An
             "errors": sum(r[name]["error_count"] for r in rounds),
         }
     for name, target in TARGETS.items():
+        if name not in summary:
+            continue
         ratio = statistics.median(r[name]["rps"] / r[target["baseline"]]["rps"] for r in rounds)
         p99_ok = target["max_p99_ms"] is None or summary[name]["p99_ms"] <= target["max_p99_ms"]
         # Error responses are cheap and fast: a run that had any cannot count as meeting a target.
@@ -328,6 +336,10 @@ def summarise(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, An
         if name in summary and without in summary:
             ratio = statistics.median(r[name]["rps"] / r[without]["rps"] for r in rounds)
             summary[name]["vs_no_metrics"] = ratio
+    if "get" in summary and "get (no request log)" in summary:
+        # Within each round, like every ratio here: the machine drifts between rounds.
+        cost = statistics.median(r["get"]["rps"] / r["get (no request log)"]["rps"] for r in rounds)
+        summary["get"]["vs_no_request_log"] = cost
     return summary
 
 
@@ -370,6 +382,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of all scenarios, medians (default 2)")
     parser.add_argument("--workers", type=int, default=4, help="imagegen workers.count (default 4)")
     parser.add_argument("--no-postgres", action="store_true", help="only the bare and SQLite scenarios")
+    parser.add_argument("--get-only", action="store_true", help="only the GET scenarios")
     parser.add_argument(
         "--wakeup-jobs", type=int, default=200,
         help="jobs of the wake-up measurement (default 200; 0 skips it)",
@@ -415,6 +428,8 @@ def main() -> int:
     load_end = loadavg()
     summary = summarise(measured["rounds"])
     print(table(summary))
+    if "vs_no_request_log" in summary.get("get", {}):
+        print(f"request log on GET: {summary['get']['vs_no_request_log']:.3f}x the throughput without it")
     if wakeup is not None:
         import wakeup_bench
 

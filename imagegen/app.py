@@ -18,6 +18,7 @@ from .dispatch import dispatcher_context
 from .events import broadcaster_context, end_streams
 from .feed import FEED, Feed
 from .jobs import jobs_context
+from .logs import add_request_id
 from .maintenance import maintenance_context
 from .metrics import METRICS, Metrics
 from .models import CreateJob
@@ -76,6 +77,9 @@ def create_app(settings: Settings, role: Role = "all") -> web.Application:
             app.router.add_post("/tokens", problem_errors(auth.create_token))
         add_docs(app)
     add_fallback_route(app.router)  # last: it takes whatever the others do not
+    # A signal, not a middleware: it runs only as an answer's headers go out, which for a
+    # stream is before its handler returns, and for a middleware's 401 too.
+    app.on_response_prepare.append(add_request_id)
     if settings.server.cors_origins:  # after every route, the fallback too: each gets CORS headers
         add_cors(app, settings.server.cors_origins)
     return app

@@ -72,6 +72,10 @@ class ServerSettings(Section):
     body_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     cors_origins: tuple[Origin, ...] = ()
     trusted_proxies: tuple[Network, ...] = ()
+    log_format: Literal["text", "json"] = "text"
+    # One line per request; off where a proxy in front already logs each one (it costs a GET
+    # a measured share of its throughput: see README, Benchmarks).
+    request_log: bool = True
 
     @field_validator("public_url")
     @classmethod

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 from aiohttp import web
 
 from .config import SETTINGS, Settings
+from . import logs
 from .feed import FEED, Feed
 from .metrics import METRICS, Metrics
 from .models import Job
@@ -222,13 +223,15 @@ class LocalDispatcher(_FeedFollower):
         # Job ids waiting for a worker, by tenant. The database is the truth: this queue is
         # rebuilt from the pending jobs at every start.
         self.queue = TenantQueue()
+        self.recovered: list[JobEvent] = []  # what start() handed back, for the start-up line
 
     async def start(self) -> None:
         # Alone on the file, so whatever is processing was running when the process died.
         # Handed back before subscribing: the pending jobs read next include those.
-        recovered = await self._store.recover(self._max_recoveries)
+        self.recovered = await self._store.recover(self._max_recoveries)
+        logs.event_transitions(self.recovered)
         if self._metrics is not None:
-            self._metrics.recoveries.inc(len(recovered))
+            self._metrics.recoveries.inc(len(self.recovered))
         self._follow()
         for job in await self.index.load(self._store):
             self._enqueue(job.owner, job.job_id, job.not_before)

@@ -25,6 +25,7 @@ from aiohttp import web
 from .config import SETTINGS, Settings
 from .dispatch import DISPATCHER, Dispatcher
 from .errors import IdempotencyKeyReused, InvalidJob, JobConflict, JobNotFound, QueueFull
+from . import logs
 from .feed import FEED, Feed
 from .auth import Tenant
 from .models import Job, JobStatus, now_text
@@ -219,6 +220,7 @@ class JobService:
             if not result.same_body:
                 raise IdempotencyKeyReused()
             return Created(result.job_id, replayed=True)
+        logs.event_transitions([result])
         return Created(new.job_id)
 
     @staticmethod
@@ -233,10 +235,13 @@ class JobService:
     async def cancel(self, job_id: str, tenant: Tenant | None) -> Job:
         """pending or processing -> canceled (the worker drawing it, on any node, hears of it
         from the feed and stops)."""
-        if tenant is not None:
-            await self.get(job_id, tenant)  # JobNotFound unless it is the tenant's
+        # Read first (JobNotFound unless it is the tenant's), for the log line's "from": the
+        # committed event says only where the job went. A claim between the two reads shows
+        # as pending -> canceled; the change itself is decided by the store alone.
+        before = await self.get(job_id, tenant)
         event = await self._store.cancel(job_id)
         if event is not None:
+            logs.event_transitions([event], before.status.value)
             return event.job
         job = await self.get(job_id, tenant)  # JobNotFound if there is no such job
         raise JobConflict(f"The job is already {job.status.value}: only pending or processing jobs can be canceled")
@@ -250,6 +255,7 @@ class JobService:
             raise JobNotFound(f"No job has the id {job_id}")
         if isinstance(result, JobStatus):
             raise JobConflict(f"The job is {result.value}: cancel it first, or wait until it ends")
+        logs.event_transitions([result])
         # After the row is gone, so no URL points at files that are going.
         await self._images.delete_job(job_id)
 

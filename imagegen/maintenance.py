@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from . import logs
+from . import logs
 from .config import SETTINGS, Settings
 from .jobs import timestamp_in
 from .metrics import METRICS, Metrics
@@ -39,6 +41,7 @@ async def expire_jobs(store: JobStore, images: ImageStore, retention_days: float
     deleted = 0
     while True:
         events = await store.expire(before, EXPIRE_BATCH)
+        logs.event_transitions(events)
         for event in events:
             await images.delete_job(event.job_id)
         deleted += len(events)
@@ -80,6 +83,7 @@ async def maintain_forever(
                     metrics.rescues.inc(len(rescued))
                 if rescued:
                     log.warning("rescued %d jobs whose worker stopped heartbeating", len(rescued))
+                    logs.event_transitions(rescued)
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + prune_every
                 await store.prune(settings.events.retention, timestamp_in(-settings.jobs.idempotency_ttl_s))

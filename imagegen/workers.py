@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from aiohttp import web
 
 from .config import SETTINGS, Settings
+from . import logs
 from .dispatch import DISPATCHER, Dispatcher
 from .errors import StorageFull
 from .feed import FEED
@@ -92,6 +93,7 @@ class WorkerPool:
         self._canceled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._stopping = False
         self._stopped: asyncio.Task[None] | None = None
+        self.handed_back: list[JobEvent] = []  # what stopping handed back, for the shutdown line
 
     def start(self, count: int) -> None:
         for number in range(count):
@@ -148,9 +150,8 @@ class WorkerPool:
         # Everything this node still holds goes back to pending at once, for another node or
         # the next start: the jobs interrupted above, and one a worker had just claimed when
         # it was cancelled (a claim commits though its caller is cancelled).
-        released = await self._store.release_all(self.owner)
-        if released:
-            log.info("handed back %d unfinished jobs", len(released))
+        self.handed_back = await self._store.release_all(self.owner)
+        logs.event_transitions(self.handed_back)
         self._heartbeat.cancel()
         await asyncio.gather(self._heartbeat, return_exceptions=True)
 
@@ -169,6 +170,7 @@ class WorkerPool:
                             type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "", CLAIM_RETRY_S)
                 await asyncio.sleep(CLAIM_RETRY_S)
                 continue
+            logs.claimed(job)
             self._busy.add(task)
             try:
                 await self._process(job)
@@ -199,7 +201,8 @@ class WorkerPool:
             # Recording the attempt's outcome failed: fail the job rather than leave it
             # processing with no worker until its lease runs out.
             log.exception("job %s: recording its outcome failed", job_id)
-            await self._store.fail(job, "internal_error", "The server failed to record this job's outcome.", False, self.owner)
+            message = "The server failed to record this job's outcome."
+            self._log(await self._store.fail(job, "internal_error", message, False, self.owner))
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 # This worker is being stopped and ran out of grace: the pool hands the job back
@@ -219,9 +222,11 @@ class WorkerPool:
                 current = await self._store.get(job.job_id)
                 if current is None or current.status.value != "processing" or current.attempts != job.attempts:
                     return  # it moved on meanwhile (canceled, deleted, rescued)
-                await self._store.retry(
+                event = await self._store.retry(
                     current, "storage_full", "The disk was full: the job is tried again.", timestamp_in(0), self.owner
                 )
+                if event is not None:
+                    logs.event_transitions([event])
                 return
             except StorageFull:
                 log.warning("job %s: the disk is full; recording its outcome again in %g s", job.job_id, delay)
@@ -269,7 +274,7 @@ class WorkerPool:
                     await self._images.discard(path)
                     return
                 current = event.job
-            await self._store.complete(current, self.owner)
+            self._log(await self._store.complete(current, self.owner))
         except ProviderError as exc:
             await self._failed(current, exc)
         except StorageFull:
@@ -277,7 +282,7 @@ class WorkerPool:
         except Exception as exc:
             log.exception("job %s failed unexpectedly", job.job_id)
             message = f"The server failed to draw an image: {type(exc).__name__}"
-            await self._store.fail(current, "internal_error", message, False, self.owner)
+            self._log(await self._store.fail(current, "internal_error", message, False, self.owner))
 
     async def _generate(self, request: ImageRequest) -> list[bytes]:
         timeout_s = self._job_settings.timeout_s
@@ -298,13 +303,19 @@ class WorkerPool:
         if exc.retryable and job.attempts < settings.max_attempts:
             delay = backoff_s(job.attempts, settings.retry_base_s, settings.retry_max_s, exc.retry_after)
             log.warning("job %s attempt %d failed (%s), retrying in %.1fs", job.job_id, job.attempts, exc.code, delay)
-            await self._store.retry(job, exc.code, str(exc), timestamp_in(delay), self.owner)
+            self._log(await self._store.retry(job, exc.code, str(exc), timestamp_in(delay), self.owner))
             return
         message = str(exc)
         if exc.retryable:
             message += f" (gave up after {job.attempts} attempts)"
         log.warning("job %s failed: %s: %s", job.job_id, exc.code, message)
-        await self._store.fail(job, exc.code, message, exc.retryable, self.owner)
+        self._log(await self._store.fail(job, exc.code, message, exc.retryable, self.owner))
+
+    @staticmethod
+    def _log(event: JobEvent | None) -> None:
+        # None: the write was fenced off (canceled, or a newer attempt owns the job): no change.
+        if event is not None:
+            logs.event_transitions([event])
 
 
 WORKERS = web.AppKey("workers", WorkerPool)

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from imagegen.app import create_app
 from imagegen.config import Settings, load_settings
+from imagegen.logs import RequestLog, requests_log
 
 from . import pgserver
 
@@ -123,6 +124,8 @@ def _toml(value: Any) -> str:
 
 ClientFactory = Callable[..., Awaitable[TestClient]]
 
+REQUEST_LOG = {"access_log_class": RequestLog, "access_log": requests_log}
+
 
 @pytest.fixture
 def make_client(database: TestDatabase, aiohttp_client: Any) -> ClientFactory:
@@ -136,7 +139,11 @@ def make_client(database: TestDatabase, aiohttp_client: Any) -> ClientFactory:
         storage = {**database.storage, **({"data_dir": str(data_dir)} if data_dir else {})}
         sections["storage"] = {**storage, **sections.get("storage", {})}
         settings = make_settings(Path(sections["storage"]["data_dir"]), **sections)
-        return await aiohttp_client(create_app(settings))
+        # Request lines as server.py logs them, by aiohttp's access logger. Started here: the
+        # server_kwargs of aiohttp_client reach TestServer's constructor, which drops them.
+        server = TestServer(create_app(settings))
+        await server.start_server(**REQUEST_LOG)
+        return await aiohttp_client(server)
 
     return factory
 

@@ -1,4 +1,5 @@
-"""No key, token or signature in clear in the logs or the database, after a full run with auth on."""
+"""No key, token or signature in clear in the logs or the database, after a full run with auth
+on, with request lines in both log formats."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from imagegen.auth import key_hash
 
@@ -31,12 +34,13 @@ def call(url: str, key: str | None = None, method: str = "GET", body: Any = None
         return exc.code, exc.read()
 
 
-def test_no_secret_reaches_a_log_line_or_the_database(tmp_path: Path, database: TestDatabase) -> None:
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_no_secret_reaches_a_log_line_or_the_database(tmp_path: Path, database: TestDatabase, log_format: str) -> None:
     keys = ", ".join(f'{{name = "{name}", hash = "{key_hash(key)}"}}' for name, key in KEYS.items())
     server = ServerProcess(database.data_dir, env={
         **database.env, "IMAGEGEN_PROVIDER__IMAGE_SIZE": "64", "IMAGEGEN_AUTH__ENABLED": "true",
         "IMAGEGEN_AUTH__KEYS": f"[{keys}]", "IMAGEGEN_SECRET": SECRET,
-        "IMAGEGEN_AUTH__TOKEN_TTL_S": "1",
+        "IMAGEGEN_AUTH__TOKEN_TTL_S": "1", "IMAGEGEN_SERVER__LOG_FORMAT": log_format,
     })
     server.start()
     secrets = [ACME_KEY, GLOBEX_KEY, SECRET]
@@ -68,6 +72,21 @@ def test_no_secret_reaches_a_log_line_or_the_database(tmp_path: Path, database: 
         server.stop(signal.SIGTERM)
     log = server.log_text()
     assert "serving on" in log  # the log is the server's, and it was read
+    # Every request was logged, the secret-carrying ones with their query redacted.
+    if log_format == "json":
+        records = [json.loads(line) for line in log.splitlines()]
+        requests = [r for r in records if r["message"] == "request"]
+        paths = [r["path"] for r in requests]
+        assert {r.get("tenant") for r in requests} == {"acme", "globex", None}
+    else:
+        requests = [line for line in log.splitlines() if " imagegen.requests: request " in line]
+        # A value with a space, quote or = is written as a JSON string.
+        shown = [re.search(r' path=("(?:[^"\\]|\\.)*"|\S+)', line).group(1) for line in requests]  # type: ignore[union-attr]
+        paths = [json.loads(path) if path.startswith('"') else path for path in shown]
+        assert any("tenant=acme" in line for line in requests)
+    assert len(requests) >= 10
+    assert f"/generations/{job_id}/events?token=***" in paths and "/generations/events?token=***" in paths
+    assert sum(bool(re.fullmatch(r"/images/\S+\?exp=\d+&sig=\*\*\*", p)) for p in paths) == 2
     for secret in secrets:
         assert secret not in log
         assert secret[:16] not in log  # nor a recognisable part of one

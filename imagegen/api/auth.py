@@ -26,6 +26,7 @@ from aiohttp import web
 from pydantic import BaseModel, Field
 
 from ..auth import CREDENTIALS, Tenant
+from ..logs import facts_of
 from .access import access_of
 from .openapi import Reply, operation
 from .problems import problem_response
@@ -55,6 +56,11 @@ def _bearer(header: str) -> str | None:
     return key.strip() if scheme.lower() == "bearer" and key.strip() else None
 
 
+def _identified(request: web.Request, tenant: Tenant) -> None:
+    request[TENANT] = tenant
+    facts_of(request).tenant = tenant.name  # for the request's log line
+
+
 @web.middleware
 async def authenticate(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
     """With auth enabled: the tenant from the key (or, where the route allows, a token or a
@@ -71,13 +77,14 @@ async def authenticate(request: web.Request, handler: Callable[[web.Request], An
         tenant = credentials.tenant_for_key(key) if key is not None else None
         if tenant is None:
             return _unauthorized("The API key in the Authorization header is not valid.", "invalid_token")
-        request[TENANT] = tenant
+        _identified(request, tenant)
         return await handler(request)
     if kind == "stream" and "token" in request.query:
         found = credentials.token_tenant(request.query["token"])
         if found is None:
             return _unauthorized("The token is not valid or has expired: get a new one from POST /tokens.", "invalid_token")
-        request[TENANT], request[TOKEN_EXPIRES] = found
+        _identified(request, found[0])
+        request[TOKEN_EXPIRES] = found[1]
         return await handler(request)
     if kind == "image" and "sig" in request.query:
         request[SIGNED] = True

@@ -19,6 +19,8 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
+from ..logs import facts_of
+
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -118,6 +120,11 @@ def forwarded_middleware(trusted: tuple[Network, ...]) -> Callable[..., Awaitabl
     @web.middleware
     async def believe_trusted_proxies(request: web.Request, handler: Handler) -> web.StreamResponse:
         facts = forwarded_facts(request, trusted)
-        return await handler(request.clone(**facts) if facts else request)
+        if not facts:
+            return await handler(request)
+        # Before the clone, so that the clone shares the original's log facts: the access log
+        # is handed the original request, the handler (and the auth middleware) the clone.
+        facts_of(request)
+        return await handler(request.clone(**facts))
 
     return believe_trusted_proxies

@@ -15,6 +15,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import errors
+from ..logs import done_serving, serving
 from ..metrics import METRICS
 
 log = logging.getLogger(__name__)
@@ -165,12 +166,13 @@ def problem_errors(handler: Handler) -> Handler:
     Applied to each handler where the routes are added, rather than as a middleware: with any
     middleware, aiohttp runs two more coroutine layers on every request (the middleware and its
     own current-app fix-up), measured at about 6% of a GET. For the same reason each request is
-    counted here ([metrics]).
+    counted here ([metrics]), and the lines logged while serving it get its id (logs.serving).
     """
 
     @functools.wraps(handler)
     async def handle(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
+        serving_token = serving(request)
         try:
             response = await handler(request)
         except ApiError as exc:
@@ -204,6 +206,8 @@ def problem_errors(handler: Handler) -> Handler:
         except Exception:
             log.exception("unhandled error on %s %r", request.method, request.path)  # %r: no forged log lines
             response = problem_response(500, "Internal Server Error", "The server failed to handle this request.")
+        finally:
+            done_serving(serving_token)
         # Counted in this wrapper, not a middleware (see above): by the route's template (its
         # canonical path, "/{path}" for the fallback), so the labels stay few whatever is asked.
         metrics = request.app.get(METRICS)

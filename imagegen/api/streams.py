@@ -123,6 +123,22 @@ def _plain_frame(name: str, data: dict[str, Any], seq: int | None = None) -> byt
     return f"{head}event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
+class _EventSourceResponse(EventSourceResponse):
+    """aiohttp-sse's response, but a second prepare() of a stream whose client has gone
+    returns as aiohttp's own responses do, instead of raising CancelledError.
+
+    aiohttp prepares every answer again once its handler returns; the CancelledError that
+    aiohttp-sse raises there (its check that the client is still connected) unwinds past
+    aiohttp's access log, so a stream the client left had no request line. Without it, the
+    closing write fails with a ConnectionError, which aiohttp handles and logs.
+    """
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        if self.prepared:
+            return await web.StreamResponse.prepare(self, request)
+        return await super().prepare(request)
+
+
 class _Stream:
     """One open event stream: its response, its subscription, and the last id it sent."""
 
@@ -133,7 +149,7 @@ class _Stream:
         self.jobs = request.app[JOBS]
         self.sent = 0
         self._metrics = request.app.get(METRICS)
-        self.response = EventSourceResponse(ping_interval=settings.heartbeat_s)
+        self.response = _EventSourceResponse(ping_interval=settings.heartbeat_s)
         # `retry:` goes out in the same block as the first event, never alone: a block with a
         # retry field and no data is an event of its own to some clients (httpx-sse yields it).
         self._retry = f"retry: {settings.retry_ms}\n".encode()
