@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from . import logs
-from . import logs
 from .config import SETTINGS, Settings
 from .jobs import timestamp_in
 from .metrics import METRICS, Metrics

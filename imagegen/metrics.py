@@ -116,10 +116,11 @@ class Metrics:
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request of `route` (its template: bounded label values)."""
-        key = (route, method, status)
+        # Keyed by the label, not the method sent: a client inventing methods must not grow this.
+        label = method if method in METHODS else "other"
+        key = (route, label, status)
         children = self._http.get(key)
         if children is None:
-            label = method if method in METHODS else "other"
             children = self._http[key] = (
                 self.http_requests.labels(route, label, str(status)),
                 self.http_duration.labels(route, label),

@@ -15,7 +15,7 @@ from imagegen.auth import CREDENTIALS, Credentials, key_hash
 from imagegen.config import AuthSettings, load_settings
 
 from .auth_keys import ACME_KEY, GLOBEX_KEY, SECRET, auth_section, bearer
-from .conftest import TestDatabase, make_settings
+from .conftest import TestDatabase
 from .sse import SSEReader
 
 NO_SUCH_JOB = "00000000-0000-7000-8000-000000000000"

@@ -9,7 +9,6 @@ import logging
 import re
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest

@@ -199,6 +199,18 @@ def list_query(
     return queries[(owner is not None, status is not None)], (*filters, below_seq, limit)
 
 
+def events_query(
+    queries: dict[str, str], seq: int, limit: int, job_id: str | None, owner: str | None
+) -> tuple[str, tuple[Any, ...]]:
+    """A backend's replay query, keyed "all", "job" (one job's) or "owner" (one tenant's), and
+    its parameters: the job or owner if given, then seq, then limit."""
+    if job_id is not None:
+        return queries["job"], (job_id, seq, limit)
+    if owner is not None:
+        return queries["owner"], (owner, seq, limit)
+    return queries["all"], (seq, limit)
+
+
 STORE = web.AppKey("store", JobStore)
 
 

@@ -33,7 +33,7 @@ from ..config import StorageSettings
 from ..errors import StartupError, StorageFull
 from ..feed import Feed
 from ..models import Job, JobStatus, now_text
-from . import Idempotency, JobEvent, KeyReused, NewJob, PendingJob, QueueLimit, list_query
+from . import Idempotency, JobEvent, KeyReused, NewJob, PendingJob, QueueLimit, events_query, list_query
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -230,9 +230,11 @@ RETURNING jobs AS job""", "CASE (job).status WHEN 'failed' THEN 'job.failed' ELS
 
 TRY_LOCK = "SELECT pg_try_advisory_xact_lock(%s) AS locked"
 
-EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > %s ORDER BY seq LIMIT %s"
-JOB_EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = %s AND seq > %s ORDER BY seq LIMIT %s"
-OWNER_EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > %s AND owner = %s ORDER BY seq LIMIT %s"
+EVENTS_AFTER = {
+    "all": f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > %s ORDER BY seq LIMIT %s",
+    "job": f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = %s AND seq > %s ORDER BY seq LIMIT %s",
+    "owner": f"SELECT {EVENT_COLUMNS} FROM events WHERE owner = %s AND seq > %s ORDER BY seq LIMIT %s",
+}
 LATEST_JOB_EVENT = f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = %s ORDER BY seq DESC LIMIT 1"
 EVENT_HORIZON = """
 SELECT (SELECT last FROM event_counter) AS latest,
@@ -572,12 +574,7 @@ class PostgresStore:
     async def events_after(
         self, seq: int, job_id: str | None, limit: int, owner: str | None = None
     ) -> list[JobEvent]:
-        if job_id is None and owner is not None:
-            rows = await self._fetch_all(OWNER_EVENTS_AFTER, (seq, owner, limit))
-        elif job_id is None:
-            rows = await self._fetch_all(EVENTS_AFTER, (seq, limit))
-        else:
-            rows = await self._fetch_all(JOB_EVENTS_AFTER, (job_id, seq, limit))
+        rows = await self._fetch_all(*events_query(EVENTS_AFTER, seq, limit, job_id, owner))
         return [_event(row) for row in rows]
 
     async def latest_event(self, job_id: str) -> JobEvent | None:

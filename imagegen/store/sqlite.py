@@ -30,7 +30,7 @@ import aiosqlite
 from ..errors import StartupError, StorageFull
 from ..feed import Feed
 from ..models import Job, JobStatus, now_text
-from . import Idempotency, JobEvent, KeyReused, NewJob, PendingJob, list_query
+from . import Idempotency, JobEvent, KeyReused, NewJob, PendingJob, events_query, list_query
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -177,11 +177,13 @@ INSERT_EVENTS = "INSERT INTO events (job_id, name, job, created_at) VALUES "
 INSERT_EVENTS_ROW = "(?, ?, ?, ?)"
 
 # Replay pages: events after an id, in commit order.
-EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
-JOB_EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?"
-OWNER_EVENTS_AFTER = (
-    f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? AND json_extract(job, '$.owner') = ? ORDER BY seq LIMIT ?"
-)
+EVENTS_AFTER = {
+    "all": f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+    "job": f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+    # One tenant's (auth on): the owner is read from the snapshot, as EVENT_COLUMNS does.
+    "owner": f"SELECT {EVENT_COLUMNS} FROM events WHERE json_extract(job, '$.owner') = ? AND seq > ? "
+             "ORDER BY seq LIMIT ?",
+}
 LATEST_JOB_EVENT = f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = ? ORDER BY seq DESC LIMIT 1"
 
 # What a resuming client can be given: ids above `pruned` and up to `latest`.
@@ -763,12 +765,7 @@ class SQLiteStore:
     async def events_after(
         self, seq: int, job_id: str | None, limit: int, owner: str | None = None
     ) -> list[JobEvent]:
-        if job_id is None and owner is not None:
-            rows = await self._fetch_all(OWNER_EVENTS_AFTER, (seq, owner, limit))
-        elif job_id is None:
-            rows = await self._fetch_all(EVENTS_AFTER, (seq, limit))
-        else:
-            rows = await self._fetch_all(JOB_EVENTS_AFTER, (job_id, seq, limit))
+        rows = await self._fetch_all(*events_query(EVENTS_AFTER, seq, limit, job_id, owner))
         return [_event(row) for row in rows]
 
     async def latest_event(self, job_id: str) -> JobEvent | None:
