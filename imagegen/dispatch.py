@@ -174,11 +174,14 @@ class _Turns:
     def __iter__(self) -> Iterator[tuple[str | None, str]]:  # for asyncio.Queue's repr
         return ((owner, job_id) for owner, waiting in self._owners.items() for job_id in waiting)
 
-    def append(self, owner: str | None, job_id: str) -> None:
+    def append(self, owner: str | None, job_id: str, first: bool = False) -> None:
         waiting = self._owners.get(owner)
         if waiting is None:
             waiting = self._owners[owner] = collections.deque()  # a new owner takes the last turn
-        waiting.append(job_id)
+        if first:
+            waiting.appendleft(job_id)
+        else:
+            waiting.append(job_id)
         self._size += 1
 
     def pop_next(self) -> tuple[str | None, str]:
@@ -202,12 +205,22 @@ class TenantQueue(asyncio.Queue[tuple[str | None, str]]):
 
     def _init(self, maxsize: int) -> None:
         self._queue = _Turns()  # type: ignore[assignment]
+        self._first = False
 
     def _put(self, item: tuple[str | None, str]) -> None:
-        self._queue.append(*item)  # type: ignore[call-arg]
+        self._queue.append(*item, first=self._first)  # type: ignore[call-arg]
 
     def _get(self) -> tuple[str | None, str]:
         return self._queue.pop_next()  # type: ignore[attr-defined,no-any-return]
+
+    def put_back(self, item: tuple[str | None, str]) -> None:
+        """Return a job that was taken but could not be claimed to the head of its owner's
+        line (put_nowait does the bookkeeping and wakes a getter; _put reads the flag)."""
+        self._first = True
+        try:
+            self.put_nowait(item)
+        finally:
+            self._first = False
 
 
 class LocalDispatcher(_FeedFollower):
@@ -261,11 +274,17 @@ class LocalDispatcher(_FeedFollower):
 
     async def next_job(self, owner: str, lease_s: float) -> Job:
         while True:
-            _, job_id = await self.queue.get()
+            job_owner, job_id = await self.queue.get()
             try:
                 claimed = await self._store.claim(job_id, owner, lease_s)
-            except BaseException:
+            except Exception:
+                # The database failed the claim (a full disk, an I/O error): the job is still
+                # pending, and this queue is its only way to a worker until the next start.
                 self.queue.task_done()
+                self.queue.put_back((job_owner, job_id))
+                raise
+            except BaseException:
+                self.queue.task_done()  # stopping: the next start reloads whatever is pending
                 raise
             if claimed is not None:
                 return claimed.job

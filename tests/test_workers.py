@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 
@@ -71,25 +72,45 @@ async def test_the_database_refuses_illegal_transitions(client: TestClient, data
 
 
 async def test_workers_outlive_a_failed_claim(make_client, database: TestDatabase, monkeypatch) -> None:
-    # The database fails a claim (a lost connection, a restart, a deadlock): the worker asks
-    # again a moment later instead of ending, and the job is drawn.
-    from imagegen.dispatch import DISPATCHER
+    # The database fails a claim (a lost connection, a restart, a full disk): the worker asks
+    # again a moment later instead of ending, and the job it was claiming is still drawn (on
+    # SQLite its id had already left the in-memory queue: it must go back, not wait for a restart).
+    from imagegen.store import STORE
 
     client = await make_client(workers={"count": 1})
-    dispatcher = client.app[DISPATCHER]
-    real_next_job = type(dispatcher).next_job
+    store = client.app[STORE]
+    method = "claim_next" if database.backend == "postgres" else "claim"
+    real_claim = getattr(type(store), method)
     failures = []
 
-    async def failing_once(self, owner: str, lease_s: float):  # type: ignore[no-untyped-def]
+    async def failing_once(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         if not failures:
-            failures.append(owner)
+            failures.append(args)
             raise OSError("the database connection was lost")
-        return await real_next_job(self, owner, lease_s)
+        return await real_claim(self, *args, **kwargs)
 
-    monkeypatch.setattr(type(dispatcher), "next_job", failing_once)
-    # The one worker is waiting in next_job already; the next job it asks for fails first.
+    monkeypatch.setattr(type(store), method, failing_once)
     first = await create_job(client)
-    await wait_for_status(client, first, {"completed"})
-    second = await create_job(client)
-    job = await wait_for_status(client, second, {"completed"})
+    job = await wait_for_status(client, first, {"completed"})
     assert failures and job["status"] == "completed"
+    second = await create_job(client)
+    assert (await wait_for_status(client, second, {"completed"}))["status"] == "completed"
+
+
+async def test_a_job_put_back_after_a_failed_claim_is_next_in_its_owners_line() -> None:
+    from imagegen.dispatch import TenantQueue
+
+    queue = TenantQueue()
+    for item in [("acme", "a1"), ("acme", "a2"), ("globex", "g1")]:
+        queue.put_nowait(item)
+    taken = await queue.get()
+    assert taken == ("acme", "a1")
+    queue.task_done()
+    queue.put_back(taken)  # the claim failed: a1 goes back, ahead of a2
+    assert queue.qsize() == 3
+    order = [queue.get_nowait() for _ in range(3)]
+    # globex had its turn due after acme's first take; a1 is still acme's oldest.
+    assert order == [("globex", "g1"), ("acme", "a1"), ("acme", "a2")]
+    for _ in order:
+        queue.task_done()
+    await asyncio.wait_for(queue.join(), 1)  # the bookkeeping balances
