@@ -44,10 +44,29 @@ class QueueFull(ImagegenError):
         self.retry_after_s = retry_after_s
 
 
-class StorageFull(ImagegenError):
+class StoreUnavailable(ImagegenError):
+    """The store cannot write (or answer) for now; nothing was written; try again later.
+
+    A worker that meets one keeps its job's outcome and records it once the store answers
+    again, under `code`; a client gets 503 with Retry-After.
+    """
+
+    retry_after_s = 5
+    code = "store_unavailable"
+
+
+class StorageFull(StoreUnavailable):
     """The disk is full: nothing could be written; try again once space is freed."""
 
     retry_after_s = 30
+    code = "storage_full"
+
+
+class DatabaseUnavailable(StoreUnavailable):
+    """The database cannot be reached: nothing was written; try again shortly."""
+
+    retry_after_s = 5
+    code = "database_unavailable"
 
 
 class StartupError(ImagegenError):

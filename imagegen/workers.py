@@ -22,7 +22,7 @@ from aiohttp import web
 from .config import SETTINGS, Settings
 from . import logs
 from .dispatch import DISPATCHER, Dispatcher
-from .errors import StorageFull
+from .errors import StorageFull, StoreUnavailable
 from .feed import FEED
 from .jobs import timestamp_in
 from .metrics import METRICS, Metrics
@@ -193,10 +193,11 @@ class WorkerPool:
             drawing.cancel()
         try:
             await drawing
-        except StorageFull:
-            # Its outcome could not be recorded: the disk is full. It is not left processing:
-            # recorded as a retry (at once, then backing off) as soon as a write commits again.
-            await self._record_when_possible(job)
+        except StoreUnavailable as exc:
+            # Its outcome could not be recorded: the disk is full, or the database is out of
+            # reach. It is not left processing: recorded as a retry (at once, then backing
+            # off) as soon as a write commits again.
+            await self._record_when_possible(job, exc)
         except Exception:
             # Recording the attempt's outcome failed: fail the job rather than leave it
             # processing with no worker until its lease runs out.
@@ -214,22 +215,25 @@ class WorkerPool:
         finally:
             del self._drawing[job_id]
 
-    async def _record_when_possible(self, job: Job) -> None:
-        """Hand the job back for a retry once the store can write again (the disk had filled)."""
+    async def _record_when_possible(self, job: Job, cause: StoreUnavailable) -> None:
+        """Hand the job back for a retry once the store can write again (the disk had filled,
+        or the database was out of reach)."""
+        message = ("The disk was full" if isinstance(cause, StorageFull) else "The database was out of reach")
         delay = 0.5
         while True:
             try:
                 current = await self._store.get(job.job_id)
                 if current is None or current.status.value != "processing" or current.attempts != job.attempts:
-                    return  # it moved on meanwhile (canceled, deleted, rescued)
+                    return  # it moved on meanwhile (canceled, deleted, rescued, or recorded after all)
                 event = await self._store.retry(
-                    current, "storage_full", "The disk was full: the job is tried again.", timestamp_in(0), self.owner
+                    current, cause.code, f"{message}: the job is tried again.", timestamp_in(0), self.owner
                 )
                 if event is not None:
                     logs.event_transitions([event])
                 return
-            except StorageFull:
-                log.warning("job %s: the disk is full; recording its outcome again in %g s", job.job_id, delay)
+            except StoreUnavailable as exc:
+                log.warning("job %s: %s; recording its outcome again in %g s",
+                            job.job_id, exc.detail.split(":")[0].lower(), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
@@ -263,8 +267,10 @@ class WorkerPool:
                     ) from None
                 try:
                     event = await self._store.add_image(current, path, self.owner)
-                except StorageFull:
-                    await self._images.discard(path)
+                except StoreUnavailable as exc:
+                    await self._images.discard(path)  # not recorded: no row will ever name it
+                    if not isinstance(exc, StorageFull):
+                        raise  # the database is out of reach: _process records a retry once it is back
                     raise ProviderError(
                         "The image could not be recorded: the disk is full", code="storage_full", retryable=True
                     ) from None
@@ -277,7 +283,7 @@ class WorkerPool:
             self._log(await self._store.complete(current, self.owner))
         except ProviderError as exc:
             await self._failed(current, exc)
-        except StorageFull:
+        except StoreUnavailable:
             raise  # recording failed, not the drawing: _process records it once it can
         except Exception as exc:
             log.exception("job %s failed unexpectedly", job.job_id)

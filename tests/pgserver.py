@@ -164,6 +164,9 @@ class PrivatePostgres(PostgresServer):
         self.base_dir: Path | None = None  # holds data/, the log and the unix socket
         self._bin: Path | None = None
         self._run_as: dict[str, Any] = {}
+        # The (uid, gid) the server runs as when started by root, else None: a directory it
+        # must write outside its own (a tablespace's) is given to it.
+        self.os_owner: tuple[int, int] | None = None
 
     @property
     def url(self) -> str:  # type: ignore[override]
@@ -202,6 +205,7 @@ class PrivatePostgres(PostgresServer):
         if self._bin is None:
             raise RuntimeError(f"PostgreSQL's initdb, pg_ctl and postgres are not installed: {INSTALL_HINT}")
         self._run_as, owner = _unprivileged()
+        self.os_owner = owner
         # Under /tmp, not pytest's tmp_path: that is mode 700 under root's /tmp/pytest-of-root, which
         # the unprivileged user could not enter.
         self.base_dir = Path(tempfile.mkdtemp(prefix="imagegen-pg-", dir="/tmp" if owner else None))
@@ -231,6 +235,24 @@ class PrivatePostgres(PostgresServer):
         shutil.rmtree(self.base_dir, ignore_errors=True)
         self.base_dir = None
         self.port = 0
+
+    def halt(self) -> None:
+        """Stop the server at once, as a crash or an operator would, keeping its data: `resume()`
+        starts it again on the same port."""
+        assert self._bin is not None
+        result = self._run([self._bin / "pg_ctl", "stop", "-D", self.data_dir, "-m", "immediate", "-w", "-s"])
+        if result.returncode != 0:
+            raise RuntimeError(f"pg_ctl stop failed ({result.returncode}):\n{result.stdout}")
+
+    def resume(self) -> None:
+        """Start a halted server again, on its old port (crash recovery runs first)."""
+        assert self._bin is not None
+        result = self._run([
+            self._bin / "pg_ctl", "start", "-D", self.data_dir, "-l", self.log_path,
+            "-w", "-t", str(int(self.start_timeout)), "-s", "-o", f"-p {self.port}",
+        ])
+        if result.returncode != 0:
+            raise RuntimeError(f"PostgreSQL did not start again ({result.returncode}):\n{result.stdout}")
 
     def _initdb(self) -> None:
         assert self._bin is not None

@@ -105,7 +105,7 @@ def _status(status: int, title: str) -> Callable[[errors.ImagegenError], ApiErro
     def problem(exc: errors.ImagegenError) -> ApiError:
         error = ApiError(exc.detail)
         error.status, error.title = status, title
-        if isinstance(exc, (errors.QueueFull, errors.StorageFull)):
+        if isinstance(exc, (errors.QueueFull, errors.StoreUnavailable)):
             error.headers = {"Retry-After": str(exc.retry_after_s)}
         return error
 
@@ -120,6 +120,7 @@ DOMAIN_ERRORS: dict[type[errors.ImagegenError], Callable[[Any], ApiError]] = {
     errors.JobConflict: _status(409, "Conflict"),
     errors.QueueFull: _status(429, "Too Many Requests"),
     errors.StorageFull: _status(503, "Service Unavailable"),
+    errors.DatabaseUnavailable: _status(503, "Service Unavailable"),
 }
 
 

@@ -20,17 +20,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import suppress
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ..config import StorageSettings
-from ..errors import StartupError, StorageFull
+from ..errors import DatabaseUnavailable, StartupError, StorageFull
 from ..feed import Feed
 from ..models import Job, JobStatus, now_text
 from . import Idempotency, JobEvent, KeyReused, NewJob, PendingJob, QueueLimit, events_query, list_query
@@ -57,6 +58,12 @@ FEED_POLL_S = 0.5
 # Events read per query by the feed's reader.
 FEED_PAGE = 1000
 CONNECT_TIMEOUT_S = 5
+# How long a request waits for a pooled connection before it is told the database is unavailable
+# (503): with the server down, a client hears so in seconds, not after psycopg_pool's 30 s.
+POOL_WAIT_S = 5
+# SQLSTATEs that mean the connection, or the server, is gone (class 08: connection exceptions;
+# 57P01-57P03: the server is shutting down, crashed, or cannot take connections yet).
+CONNECTION_LOST = ("57P01", "57P02", "57P03")
 
 # --- queries -------------------------------------------------------------------------------
 
@@ -352,6 +359,7 @@ class PostgresStore:
             kwargs={"autocommit": True, "row_factory": dict_row},
             open=False,
             name="imagegen",
+            timeout=POOL_WAIT_S,
         )
         try:
             await pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
@@ -421,16 +429,33 @@ class PostgresStore:
         return await asyncio.shield(task)
 
     async def _run(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             started = time.perf_counter()
-            try:
-                rows = await (await conn.execute(sql, params)).fetchall()
-            except psycopg.errors.DiskFull:
-                raise StorageFull() from None  # nothing was written; 503 to a client
+            rows = await (await conn.execute(sql, params)).fetchall()
             if self._metrics is not None:
                 self._metrics.commit_duration.observe(time.perf_counter() - started)
         self._wake.set()
         return rows
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Connection]:
+        """A pooled connection. A full disk and a database that cannot be reached come out as the
+        store's own errors (503 to a client; to a worker, wait and record the outcome again),
+        not as psycopg's, which would be a 500. A full disk commits nothing; a lost connection
+        may have lost only the answer to a commit, which a client's retry with its
+        Idempotency-Key, and a worker's look at the job before it records again, both allow for."""
+        try:
+            async with self._pool.connection() as conn:
+                yield conn
+        except psycopg.errors.DiskFull:
+            raise StorageFull() from None
+        except PoolTimeout:
+            raise DatabaseUnavailable() from None
+        except psycopg.OperationalError as exc:
+            state = exc.sqlstate
+            if state is None or state.startswith("08") or state in CONNECTION_LOST:
+                raise DatabaseUnavailable() from None
+            raise
 
     def _committed(self, events: list[JobEvent]) -> list[JobEvent]:
         """`events`, committed by this node, counted in its metrics (the feed carries every node's)."""
@@ -445,12 +470,12 @@ class PostgresStore:
         return self._committed([_event(rows[0])])[0] if rows else None
 
     async def _fetch_one(self, sql: str, params: Any = ()) -> dict[str, Any] | None:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             cur = await conn.execute(sql, params)
             return await cur.fetchone()
 
     async def _fetch_all(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             cur = await conn.execute(sql, params)
             return await cur.fetchall()
 
@@ -495,11 +520,11 @@ class PostgresStore:
     async def check_write(self) -> None:
         # Not through _write: that one is shielded and runs to its end, and a check on a stuck
         # database must be abandoned (the caller's timeout cancels the statement).
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             await conn.execute(HEALTH_CHECK, {"now_ms": time.time_ns() // 1_000_000})
 
     async def pending(self) -> tuple[list[PendingJob], int]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             # One snapshot for both reads.
             async with conn.transaction():
                 await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -542,7 +567,7 @@ class PostgresStore:
         return self._committed(sorted((_event(row) for row in rows), key=lambda event: event.seq))
 
     async def heartbeat(self, job_ids: list[str], owner: str, lease_s: float) -> int:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             cur = await conn.execute(HEARTBEAT, {"ids": job_ids, "owner": owner, "lease_s": lease_s})
             return cur.rowcount
 
@@ -587,7 +612,7 @@ class PostgresStore:
         return row["latest"], row["pruned"]
 
     async def prune(self, keep_events: int, keys_before: str) -> int:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             async with conn.transaction():
                 locked = await (await conn.execute(TRY_LOCK, (PRUNE_LOCK,))).fetchone()
                 row = await (await conn.execute(EVENT_HORIZON)).fetchone()
