@@ -7,6 +7,7 @@
                                                      # from pyproject.toml (e.g. --upgrade: newest allowed)
     python3 tasks.py new-key NAME [MAX_PENDING]      # a new random API key for [auth] keys, and the line to paste
     python3 tasks.py new-secret                      # a new random secret for [auth] secret_env's variable
+    python3 tasks.py new-webhook-secret              # a new whsec_ secret for [webhooks] secret_env's variable
     python3 tasks.py --help                          # this text
 
 What is installed is what the lock files name, every transitive dependency pinned with its hashes,
@@ -18,6 +19,7 @@ very process, so Ctrl-C and SIGTERM reach it alone and stop it as they stop serv
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import os
@@ -222,6 +224,10 @@ def main(argv: list[str]) -> int:
         return new_key(argv[1:])
     if argv[:1] == ["new-secret"]:
         print(secrets.token_urlsafe(32))
+        return 0
+    if argv[:1] == ["new-webhook-secret"]:
+        # Standard Webhooks' form: whsec_ and the base64 of 32 random bytes (imagegen/webhooks).
+        print("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
         return 0
     if argv[:1] == ["lock"]:
         return lock(argv[1:])

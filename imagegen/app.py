@@ -6,7 +6,7 @@ from typing import Literal
 
 from aiohttp import web
 
-from .api import auth, health, page, routes, streams
+from .api import auth, deliveries, health, page, routes, streams
 from .api.cors import add_cors
 from .api.docs import add_docs
 from .api.forwarded import forwarded_middleware
@@ -25,6 +25,8 @@ from .models import CreateJob
 from .providers import provider_context
 from .storage import IMAGES, ImageStore
 from .store import store_context
+from .webhooks import signer_context
+from .webhooks.deliver import deliverer_context
 from .workers import begin_stopping_workers, workers_context
 
 # What a process does: "api" serves HTTP and the event streams, "worker" draws jobs and serves
@@ -32,9 +34,10 @@ from .workers import begin_stopping_workers, workers_context
 Role = Literal["all", "api", "worker"]
 ROLES: tuple[Role, ...] = ("all", "api", "worker")
 
-# A create request is a few hundred bytes (a prompt is at most 500 characters): anything far
-# bigger is a mistake or an attack, refused with 413 before it is read.
-MAX_BODY_BYTES = 16 * 1024
+# A create request is a few hundred bytes, and at most a 500-character prompt and a 2,048-character
+# webhook URL, each character up to 12 bytes as a JSON escape (a surrogate pair): ~31 KB. Anything
+# far bigger is a mistake or an attack, refused with 413 before it is read.
+MAX_BODY_BYTES = 64 * 1024
 
 
 def create_app(settings: Settings, role: Role = "all") -> web.Application:
@@ -59,6 +62,7 @@ def create_app(settings: Settings, role: Role = "all") -> web.Application:
     # the workers stop before the provider closes and the store closes last.
     if settings.auth.enabled:
         app.cleanup_ctx.append(credentials_context)  # first: a missing secret stops start-up before any I/O
+    app.cleanup_ctx.append(signer_context)  # also before any I/O: a malformed webhook secret stops start-up
     app.cleanup_ctx.append(store_context)
     app.cleanup_ctx.append(dispatcher_context)
     app.cleanup_ctx.append(jobs_context)
@@ -67,6 +71,7 @@ def create_app(settings: Settings, role: Role = "all") -> web.Application:
     if role in ("all", "worker"):
         app.cleanup_ctx.append(provider_context(settings.provider))
         app.cleanup_ctx.append(workers_context)
+        app.cleanup_ctx.append(deliverer_context)
         app.on_shutdown.append(begin_stopping_workers)
     if role in ("all", "api"):
         app.cleanup_ctx.append(page.page_context)
@@ -101,6 +106,8 @@ def _add_routes(router: web.UrlDispatcher) -> None:
     router.add_get(job, problem_errors(routes.get_generation))
     router.add_delete(job, problem_errors(routes.delete_generation))
     router.add_post("/generations/{jobId}/cancel", problem_errors(routes.cancel_generation))
+    router.add_get("/generations/{jobId}/deliveries", problem_errors(deliveries.list_deliveries))
+    router.add_post("/generations/{jobId}/deliveries/{deliveryId}/retry", problem_errors(deliveries.retry_delivery))
     # ASCII digits only (\d would take other scripts' digits), and no more than an index can be.
     router.add_get(r"/images/{jobId}/{index:[0-9]{1,6}}.png", problem_errors(routes.get_image))
 

@@ -28,7 +28,7 @@ from .settings_base import ConfigError, Section  # ConfigError: callers catch it
 ENV_PREFIX = "IMAGEGEN_"
 # IMAGEGEN_* variables that are not settings: the default name of [auth] secret_env's variable,
 # and the test suite's database. Any other IMAGEGEN_ name without a __ is a typo, refused.
-NOT_SETTINGS = frozenset({"IMAGEGEN_SECRET", "IMAGEGEN_TEST_DATABASE_URL"})
+NOT_SETTINGS = frozenset({"IMAGEGEN_SECRET", "IMAGEGEN_WEBHOOK_SECRET", "IMAGEGEN_TEST_DATABASE_URL"})
 
 
 # An origin as a browser sends it in the Origin header: scheme://host[:port], nothing after.
@@ -190,6 +190,43 @@ class MetricsSettings(Section):
     enabled: bool = True
 
 
+def _port_range(value: object) -> object:
+    """80, or "1024-65535": a port or an inclusive range, as (low, high)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, str) and (found := re.fullmatch(r"([0-9]{1,5})-([0-9]{1,5})", value.strip())):
+        return (int(found[1]), int(found[2]))
+    if isinstance(value, (tuple, list)):
+        return value
+    raise ValueError(f"{value!r} is not a port (443) or a range of ports (\"1024-65535\")")
+
+
+def _valid_range(value: tuple[int, int]) -> tuple[int, int]:
+    low, high = value
+    if not 1 <= low <= high <= 65535:
+        raise ValueError(f"{low}-{high} is not a range of ports within 1-65535")
+    return value
+
+
+PortRange = Annotated[tuple[int, int], BeforeValidator(_port_range), AfterValidator(_valid_range)]
+
+
+class WebhookSettings(Section):
+    # The NAME of the environment variable holding the signing secret, in Standard Webhooks'
+    # whsec_<base64> form (python3 tasks.py new-webhook-secret prints one). Unset: POSTs that
+    # ask for a webhook are refused (422), since a receiver could not verify them.
+    secret_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = "IMAGEGEN_WEBHOOK_SECRET"
+    retry_base_s: Annotated[float, Field(ge=0)] = 5.0
+    retry_for_s: Annotated[float, Field(ge=0)] = 86_400.0
+    timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    allowed_ports: Annotated[tuple[PortRange, ...], Field(min_length=1)] = ((80, 80), (443, 443), (1024, 65535))
+    # Networks a webhook may reach although they are private (loopback, RFC 1918...), e.g. 10.0.0.0/8.
+    allow_networks: tuple[Network, ...] = ()
+    # Attempts in flight at once, on this node and to one receiver host.
+    concurrency: Annotated[int, Field(ge=1, le=1000)] = 32
+    per_host: Annotated[int, Field(ge=1, le=1000)] = 4
+
+
 class Settings(Section):
     """Every setting of the service; see config.toml for what each one means."""
 
@@ -205,6 +242,7 @@ class Settings(Section):
     auth: AuthSettings = AuthSettings()
     health: HealthSettings = HealthSettings()
     metrics: MetricsSettings = MetricsSettings()
+    webhooks: WebhookSettings = WebhookSettings()
 
     @field_validator("provider")
     @classmethod

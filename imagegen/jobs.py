@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from aiohttp import web
 
@@ -31,6 +32,9 @@ from .auth import Tenant
 from .models import Job, JobStatus, now_text
 from .storage import IMAGES, ImageStore
 from .store import STORE, Idempotency, JobEvent, JobStore, KeyReused, NewJob, QueueLimit
+from .store.deliveries import Webhook
+from .webhooks import DEFAULT_WEBHOOK_EVENTS, SIGNER
+from .webhooks.addresses import check_url
 
 
 def uuid7() -> str:
@@ -46,9 +50,12 @@ def uuid7() -> str:
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
-def request_hash(num_images: int, animal: str | None, prompt: str | None) -> str:
+def request_hash(num_images: int, animal: str | None, prompt: str | None, webhook: Webhook | None = None) -> str:
     """A fingerprint of a create request's meaning, to tell a retried request from a new one."""
-    canonical = json.dumps([num_images, animal, prompt], separators=(",", ":"))
+    meaning: list[Any] = [num_images, animal, prompt]
+    if webhook is not None:  # appended only when present: the fingerprints of older keys still match
+        meaning += [webhook.url, list(webhook.events)]
+    canonical = json.dumps(meaning, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -78,13 +85,18 @@ class JobService:
     """Creates, reads, cancels and deletes jobs; each change is one committed event."""
 
     def __init__(
-        self, store: JobStore, feed: Feed, dispatcher: Dispatcher, images: ImageStore, settings: Settings
+        self, store: JobStore, feed: Feed, dispatcher: Dispatcher, images: ImageStore, settings: Settings,
+        webhooks_on: bool = False,
     ) -> None:
         self._store = store
         self._feed = feed
         self._dispatcher = dispatcher
         self._images = images
         self._settings = settings.jobs
+        self._webhooks = settings.webhooks
+        # Whether the webhook secret is set: without it no receiver could verify a delivery,
+        # so a create that asks for a webhook is refused.
+        self.webhooks_on = webhooks_on
         self._max_pending = settings.workers.max_pending
         self._admitting = 0  # creates admitted but not yet committed (counted in memory)
         self._admitting_of: collections.Counter[str | None] = collections.Counter()  # the same, by tenant
@@ -168,6 +180,8 @@ class JobService:
         prompt: str | None = None,
         idempotency_key: str | None = None,
         tenant: Tenant | None = None,
+        webhook_url: str | None = None,
+        webhook_events: Sequence[str] | None = None,
     ) -> Created:
         """Commit a new pending job of `tenant`'s (the dispatcher hears of it from the feed).
 
@@ -184,7 +198,10 @@ class JobService:
                 field="animal",
                 reason="not a configured animal",
             )
-        idempotency = Idempotency(idempotency_key, request_hash(num_images, animal, prompt)) if idempotency_key else None
+        webhook = self._webhook(webhook_url, webhook_events)
+        idempotency = (
+            Idempotency(idempotency_key, request_hash(num_images, animal, prompt, webhook)) if idempotency_key else None
+        )
         in_database = self._dispatcher.counts_in_database
         owner = tenant.name if tenant is not None else None
         tenant_limit = tenant.max_pending if tenant is not None else None
@@ -201,7 +218,9 @@ class JobService:
                 full = None
             if full is not None and not (idempotency_key and await self._store.idempotency_key_job(idempotency_key, owner)):
                 raise full
-        new = NewJob(uuid7(), num_images, animal or random.choice(self._settings.animals), prompt, now_text(), owner)
+        new = NewJob(
+            uuid7(), num_images, animal or random.choice(self._settings.animals), prompt, now_text(), owner, webhook
+        )
         self._admitting += 1
         self._admitting_of[owner] += 1
         try:
@@ -222,6 +241,27 @@ class JobService:
             return Created(result.job_id, replayed=True)
         logs.event_transitions([result])
         return Created(new.job_id)
+
+    def _webhook(self, url: str | None, events: Sequence[str] | None) -> Webhook | None:
+        """The webhook a create asks for, checked (InvalidJob naming the field otherwise)."""
+        if url is None:
+            if events is not None:
+                raise InvalidJob("webhookEvents needs a webhook", field="webhookEvents", reason="given without webhook")
+            return None
+        if not self.webhooks_on:
+            raise InvalidJob(
+                "This server sends no webhooks: its webhook signing secret is not set",
+                field="webhook", reason="webhooks are not configured",
+            )
+        try:
+            parts = check_url(url, self._webhooks.allowed_ports)
+        except ValueError as exc:
+            raise InvalidJob(f"webhook {exc}", field="webhook", reason=str(exc)) from None
+        chosen = tuple(dict.fromkeys(events)) if events is not None else DEFAULT_WEBHOOK_EVENTS
+        assert parts.hostname is not None
+        # The receiver, as concurrency is bounded per receiver: its host and port (an origin).
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return Webhook(url, f"{parts.hostname.lower()}:{port}", chosen)
 
     @staticmethod
     def _full(pending: int, tenant: bool = False) -> QueueFull:
@@ -276,7 +316,9 @@ JOBS = web.AppKey("jobs", JobService)
 
 async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: the job service."""
-    service = JobService(app[STORE], app[FEED], app[DISPATCHER], app[IMAGES], app[SETTINGS])
+    service = JobService(
+        app[STORE], app[FEED], app[DISPATCHER], app[IMAGES], app[SETTINGS], webhooks_on=app.get(SIGNER) is not None
+    )
     app[JOBS] = service
     yield
     service.close()

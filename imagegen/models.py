@@ -73,6 +73,13 @@ class JobStatus(enum.StrEnum):
 TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED})
 
 
+# The events a webhook may ask for: those the SSE streams carry.
+WebhookEvent = Literal[
+    "job.created", "job.processing", "job.progress", "job.retrying", "job.requeued",
+    "job.completed", "job.failed", "job.canceled", "job.deleted",
+]
+
+
 class _CamelModel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True)
 
@@ -97,6 +104,18 @@ class CreateJob(_CamelModel):
         # both backends alike, so a request means the same wherever it is stored.
         pattern=r"^[^\x00]*$",
         description="Optional free text added to the provider's prompt for this animal (no NUL characters).",
+    )
+
+    webhook: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="An absolute URL, of scheme http or https, to POST the job's events to (Standard Webhooks "
+        "signatures; no credentials in it, a port among [webhooks] allowed_ports).",
+    )
+    webhook_events: list[WebhookEvent] | None = Field(
+        default=None,
+        min_length=1,
+        description="Which events to POST to the webhook (default: job.completed, job.failed, job.canceled).",
     )
 
     @classmethod
@@ -223,3 +242,38 @@ class JobPage(_CamelModel):
 
     jobs: list[Job]
     next_cursor: str | None = Field(description="Pass as cursor for the next page; null on the last page.")
+
+
+class DeliveryAttempt(_CamelModel):
+    """One attempt at a webhook delivery."""
+
+    at: Timestamp = Field(description="When the attempt started.")
+    duration_ms: int = Field(description="How long it took, in milliseconds.")
+    status: int | None = Field(description="The receiver's HTTP status, if it answered.")
+    error: str | None = Field(
+        description="What went wrong if it did not answer: timeout, connection_error, dns_error or "
+        "blocked_address (the host resolves to an address webhooks may not reach)."
+    )
+    detail: str | None = Field(description="A word more on it (for a 429, its Retry-After).")
+
+
+class DeliveryView(_CamelModel):
+    """One event of a job, POSTed (or to be POSTed) to its webhook."""
+
+    delivery_id: str = Field(description="Its webhook-id header: the same on every attempt.")
+    event: WebhookEvent
+    event_id: int = Field(description="The event's id, as on the SSE streams.")
+    url: str
+    status: Literal["pending", "delivered", "failed", "given_up"] = Field(
+        description="pending (an attempt is due or under way), delivered (a 2xx), failed (a final answer "
+        "or a blocked address) or given_up (retried for [webhooks] retry_for_s)."
+    )
+    created_at: Timestamp
+    attempts: list[DeliveryAttempt]
+    next_attempt_at: Timestamp | None = Field(description="When the next attempt is due, if pending.")
+
+
+class DeliveryList(_CamelModel):
+    """Body of GET /generations/{jobId}/deliveries."""
+
+    deliveries: list[DeliveryView] = Field(description="In event order.")

@@ -8,6 +8,7 @@ parametrised. A module that is about one backend only overrides `backend` with a
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import os
 import re
@@ -17,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from imagegen.app import create_app
 from imagegen.config import Settings, load_settings
 from imagegen.logs import RequestLog, requests_log
+from imagegen.webhooks.deliver import RESOLVER
 
 from . import pgserver
 
@@ -124,6 +127,14 @@ def _toml(value: Any) -> str:
 
 ClientFactory = Callable[..., Awaitable[TestClient]]
 
+
+async def literal_only_resolve(host: str, port: int) -> list[Any]:
+    """A webhook host that is an address is itself; any name is refused, never looked up."""
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        raise OSError(f"the tests resolve no names ({host})") from None
+
 REQUEST_LOG = {"access_log_class": RequestLog, "access_log": requests_log}
 
 
@@ -132,7 +143,10 @@ def make_client(database: TestDatabase, aiohttp_client: Any) -> ClientFactory:
     """Start the real app on the test's database (set up first, so it is dropped last; small images and no shutdown grace by
     default, for speed) and return a client for it."""
 
-    async def factory(data_dir: Path | None = None, **sections: dict[str, Any]) -> TestClient:
+    async def factory(
+        data_dir: Path | None = None, configure: Callable[[web.Application], None] | None = None,
+        **sections: dict[str, Any],
+    ) -> TestClient:
         sections.setdefault("provider", {}).setdefault("image_size", 64)
         # Tests that stop an app mid-job should not sit out the production grace period.
         sections.setdefault("workers", {}).setdefault("shutdown_grace_s", 0)
@@ -141,7 +155,13 @@ def make_client(database: TestDatabase, aiohttp_client: Any) -> ClientFactory:
         settings = make_settings(Path(sections["storage"]["data_dir"]), **sections)
         # Request lines as server.py logs them, by aiohttp's access logger. Started here: the
         # server_kwargs of aiohttp_client reach TestServer's constructor, which drops them.
-        server = TestServer(create_app(settings))
+        app = create_app(settings)
+        # Webhooks resolve through a resolver that answers only for address literals: no test
+        # may send a DNS query (a packet to a non-loopback server). A test may replace it.
+        app[RESOLVER] = literal_only_resolve
+        if configure is not None:  # e.g. a stub resolver for the webhooks' SSRF tests
+            configure(app)
+        server = TestServer(app)
         await server.start_server(**REQUEST_LOG)
         return await aiohttp_client(server)
 

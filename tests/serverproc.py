@@ -44,7 +44,10 @@ class ServerProcess:
     ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
-        self.env = {**os.environ, "IMAGEGEN_STORAGE__DATA_DIR": str(data_dir), **(env or {})}
+        # Not a webhook secret from the caller's environment: with one, a server fuzzed or driven
+        # here would deliver webhooks to whatever hosts a test's jobs name. A test passes its own.
+        inherited = {name: value for name, value in os.environ.items() if name != "IMAGEGEN_WEBHOOK_SECRET"}
+        self.env = {**inherited, "IMAGEGEN_STORAGE__DATA_DIR": str(data_dir), **(env or {})}
         self.args = list(args or [])
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = log or data_dir.parent / f"server-{self.port}.log"

@@ -86,7 +86,7 @@ async def test_a_full_queue_answers_429_and_writes_nothing(make_client, database
 
 
 async def test_bodies_over_the_limit_are_413(client: TestClient, database: TestDatabase) -> None:
-    body = b'{"numImages": 1, "prompt": "' + b"x" * 20_000 + b'"}'
+    body = b'{"numImages": 1, "prompt": "' + b"x" * 70_000 + b'"}'
     response = await client.post("/generations", data=body, headers={"Content-Type": "application/json"})
     assert response.status == 413 and response.content_type == "application/problem+json"
     assert count_jobs(database) == 0

@@ -47,9 +47,9 @@ async def until(probe: Any, timeout: float = 30) -> Any:
 
 
 async def test_an_outage_answers_503_and_every_job_completes_once_the_database_is_back(
-    make_client: Any, server: pgserver.PrivatePostgres, database: TestDatabase
+    make_client: Any, server: pgserver.PrivatePostgres, database: TestDatabase, caplog: pytest.LogCaptureFixture
 ) -> None:
-    client = await make_client(provider={"delay_s": 0.5}, workers={"count": 1},
+    client = await make_client(provider={"delay_s": 1.5}, workers={"count": 1},
                                jobs={"retry_base_s": 0.2, "retry_max_s": 0.5})
     done = await (await client.post("/generations", json={"numImages": 1}, headers={"Prefer": "wait=20"})).json()
     assert done["status"] == "completed"
@@ -57,6 +57,8 @@ async def test_an_outage_answers_503_and_every_job_completes_once_the_database_i
     await wait_for_status(client, drawing, {"processing"})
     waiting = (await (await client.post("/generations", json={"numImages": 1})).json())["jobId"]
 
+    before = await (await client.get(f"/generations/{drawing}")).json()
+    assert before["status"] == "processing" and len(before["imageUrls"]) < 3, before  # still drawing at the halt
     server.halt()
     # Each answer comes within the pool's wait (5 s) plus slack, as a 503 a client can act on.
     for method, path, body in [("GET", f"/generations/{done['jobId']}", None),
@@ -71,7 +73,13 @@ async def test_an_outage_answers_503_and_every_job_completes_once_the_database_i
         assert time.monotonic() - started < 10
     ready = await client.get("/readyz")
     assert ready.status == 503 and (await ready.json())["checks"]["database"]["ok"] is False
-    await asyncio.sleep(1.5)  # the drawing job finishes its images while the database is away
+    # The drawing job draws on while the database is away, and cannot record: its write waits
+    # for a connection as long as the pool waits (5 s; a shorter outage costs it nothing), then
+    # fails, and the worker says it will record the outcome once it can.
+    async def worker_waits() -> bool:
+        return any("recording its outcome again" in r.getMessage() for r in caplog.records)
+
+    await until(worker_waits)
 
     server.resume()
 

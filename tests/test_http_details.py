@@ -39,6 +39,7 @@ def get_routes(job_id: str) -> list[str]:
         "/generations",
         f"/generations/{job_id}",
         f"/generations/{job_id}/events",
+        f"/generations/{job_id}/deliveries",
         f"/images/{job_id}/0.png",
         "/openapi.json",
         "/docs",
@@ -56,7 +57,7 @@ async def test_the_lists_here_cover_every_get_route(client: TestClient) -> None:
     served = {r.resource.canonical for r in client.app.router.routes() if r.method == "GET" and r.resource}
     assert served == {
         "/", "/generations", "/generations/events", "/generations/{jobId}/events", "/generations/{jobId}",
-        "/images/{jobId}/{index}.png", "/openapi.json", "/docs", "/redoc", "/docs/assets/{name}",
+        "/generations/{jobId}/deliveries", "/images/{jobId}/{index}.png", "/openapi.json", "/docs", "/redoc", "/docs/assets/{name}",
         "/healthz", "/readyz", "/metrics",
     }
 

@@ -293,3 +293,10 @@ def test_auth_with_a_malformed_key_hash_or_no_secret_is_one_line(tmp_path: Path)
     )
     assert_one_line_exit_2(result, "cannot start", "IMAGEGEN_SECRET", "is not set")
     assert_one_line_exit_2(start(tmp_path, {**keys, "IMAGEGEN_SECRET": "short"}), "shorter than 32 characters")
+
+
+def test_a_malformed_webhook_secret_is_one_line_naming_the_variable(tmp_path: Path) -> None:
+    for value in ("not-a-secret", "whsec_" + "A" * 8, "whsec_!!!!"):
+        result = start(tmp_path, {"IMAGEGEN_WEBHOOK_SECRET": value})
+        assert_one_line_exit_2(result, "cannot start", "IMAGEGEN_WEBHOOK_SECRET", "whsec_")
+        assert value not in result.stderr  # never echoed: it is a secret

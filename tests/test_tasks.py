@@ -21,6 +21,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from standardwebhooks import Webhook
+
+from imagegen.webhooks import parse_secret
 
 from .serverproc import ROOT, free_port
 
@@ -155,3 +158,6 @@ def test_new_key_prints_a_key_and_the_config_line_that_accepts_it() -> None:
     assert run_tasks("new-key", "not a name").returncode == 2
     secret = run_tasks("new-secret").stdout.strip()
     assert len(secret) >= 32 and secret != run_tasks("new-secret").stdout.strip()
+    webhook_secret = run_tasks("new-webhook-secret").stdout.strip()
+    assert parse_secret(webhook_secret, "X") and webhook_secret != run_tasks("new-webhook-secret").stdout.strip()
+    Webhook(webhook_secret)  # the form the standardwebhooks package reads

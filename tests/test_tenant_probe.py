@@ -64,7 +64,7 @@ async def test_no_route_gives_one_tenant_anything_of_the_others(make_client: Any
             if "{jobId}" not in template:
                 continue
             for status, job_id in mine.items():
-                path = template.replace("{jobId}", job_id).replace("{index}", "0")
+                path = template.replace("{jobId}", job_id).replace("{index}", "0").replace("{deliveryId}", "msg_" + "0" * 24)
                 # HEAD too, wherever GET is: it answers GET's status and headers.
                 for verb in (method.upper(), "HEAD") if method == "get" else (method.upper(),):
                     response = await client.request(verb, path, headers=bearer("globex"))
@@ -72,8 +72,9 @@ async def test_no_route_gives_one_tenant_anything_of_the_others(make_client: Any
                     assert response.status == 404, (verb, path, status, response.status)
                     assert verb == "HEAD" or "No job has the id" in text or "No such image" in text
                     probed += 1
-    # GET, HEAD, DELETE of the job, its cancel, its stream (GET, HEAD), its image (GET, HEAD).
-    assert probed == 8 * len(mine)
+    # GET, HEAD, DELETE of the job, its cancel, its stream (GET, HEAD), its image (GET, HEAD),
+    # its webhook deliveries (GET, HEAD) and a delivery's retry.
+    assert probed == 11 * len(mine)
     # Nothing changed: acme still has every job as it was (none deleted or canceled by globex).
     for status, job_id in mine.items():
         body = await (await client.get(f"/generations/{job_id}", headers=bearer("acme"))).json()

@@ -151,7 +151,7 @@ async def create_generation(request: web.Request) -> web.Response:
     wait_s = _preferred_wait(request)
     jobs = request.app[JOBS]
     tenant = tenant_of(request)
-    created = await jobs.create(spec.num_images, spec.animal, spec.prompt, key, tenant)
+    created = await jobs.create(spec.num_images, spec.animal, spec.prompt, key, tenant, spec.webhook, spec.webhook_events)
     headers = {"Location": f"{base_url(request)}/generations/{created.job_id}"}
     if created.replayed:
         headers["Idempotent-Replayed"] = "true"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,6 +22,7 @@ from ..feed import FEED, Feed
 from ..metrics import METRICS, Metrics
 from ..models import TERMINAL, Job, JobStatus
 from ..storage import check_data_dir
+from .deliveries import Attempt, Delivery, DeliveryStatus, Webhook
 
 
 class JobEvent:
@@ -79,6 +80,7 @@ class NewJob:
     prompt: str | None
     now: str  # created_at and updated_at
     owner: str | None = None  # the tenant creating it; None with auth off
+    webhook: Webhook | None = None  # where its chosen events are POSTed, if anywhere
 
 
 @dataclass(frozen=True)
@@ -176,8 +178,22 @@ class JobStore(Protocol):
         """(latest, pruned): events with ids above `pruned`, up to `latest`, can be replayed."""
     async def prune(self, keep_events: int, keys_before: str) -> int:
         """Keep the newest `keep_events` events and the idempotency keys made since
-        `keys_before`; return the new pruned-through event id. On PostgreSQL one node at a
+        `keys_before`, and drop the finished webhook deliveries (and webhooks) of jobs that
+        are gone; return the new pruned-through event id. On PostgreSQL one node at a
         time does it; the others return at once."""
+
+    # --- webhook deliveries (store/deliveries.py; each backend's *_deliveries.py) ---
+    async def claim_deliveries(self, now_ms: int, lease_ms: int, limit: int, busy_hosts: Sequence[str]) -> list[Delivery]:
+        """Lease up to `limit` due deliveries, each its job's earliest pending one, none to `busy_hosts`."""
+    async def record_attempt(self, delivery: Delivery, attempt: Attempt, status: DeliveryStatus, next_at_ms: int | None) -> None:
+        """Append the attempt, set the delivery's status (and next attempt), lift its lease."""
+    async def release_deliveries(self, delivery_ids: Sequence[str] | None = None) -> None: ...
+    async def deliveries_of(self, job_id: str) -> list[Delivery]: ...
+    async def retry_delivery(self, job_id: str, delivery_id: str, now_ms: int, now: str) -> Delivery | None:
+        """A failed or given-up delivery pending again, due now; None if there is no such
+        delivery; DeliveryNotRetryable if it is pending or delivered."""
+    async def next_delivery_due(self) -> int | None:
+        """When the soonest pending delivery is due (Unix ms), None if none is pending."""
 
     # --- operations (health and metrics) ---
     async def check_write(self) -> None:

@@ -34,6 +34,7 @@ from ..config import StorageSettings
 from ..errors import DatabaseUnavailable, StartupError, StorageFull
 from ..feed import Feed
 from ..models import Job, JobStatus, now_text
+from .postgres_deliveries import INSERT_WEBHOOK, PRUNE_DELIVERIES, PRUNE_WEBHOOKS, PostgresDeliveries
 from . import Idempotency, JobEvent, KeyReused, NewJob, PendingJob, QueueLimit, events_query, list_query
 
 if TYPE_CHECKING:
@@ -327,7 +328,7 @@ async def _migrate(url: str) -> None:
                 log.info("database migrated to schema version %d", version)
 
 
-class PostgresStore:
+class PostgresStore(PostgresDeliveries):
     """Jobs and events in PostgreSQL, shared by every node."""
 
     backend = "postgres"
@@ -484,13 +485,17 @@ class PostgresStore:
     async def create(
         self, new: NewJob, idempotency: Idempotency | None, max_pending: int | None, tenant_max_pending: int | None = None
     ) -> JobEvent | KeyReused:
-        (row,) = await self._write(CREATE_JOB, {
+        params = {
             "id": new.job_id, "num_images": new.num_images, "animal": new.animal, "prompt": new.prompt,
             "now": new.now, "key": idempotency.key if idempotency else None,
             "request_hash": idempotency.request_hash if idempotency else None,
             "max_pending": max_pending if max_pending is not None else 2**31 - 1,
             "owner": new.owner, "owner_max_pending": tenant_max_pending,
-        })
+        }
+        if new.webhook is None:
+            (row,) = await self._write(CREATE_JOB, params)
+        else:
+            row = await self._write_with_webhook(new, params)
         if row["reused_job_id"] is not None:
             return KeyReused(row["reused_job_id"], row["same_body"])
         if row["pending"] is not None:
@@ -499,6 +504,31 @@ class PostgresStore:
             row["event_seq"], "job.created", new.job_id, row["snapshot"], row["job_seq"], "pending", new.owner
         )
         return self._committed([event])[0]
+
+    async def _write_with_webhook(self, new: NewJob, params: dict[str, Any]) -> dict[str, Any]:
+        """The create and its webhook in one transaction: the webhook row first, so the outbox
+        trigger of the job.created event sees it; rolled back with it when no job is made."""
+        assert new.webhook is not None
+        hook = {"id": new.job_id, "owner": new.owner, "url": new.webhook.url, "host": new.webhook.host,
+                "events": new.webhook.events_json}
+
+        async def create() -> dict[str, Any]:
+            async with self._connection() as conn:
+                async with conn.transaction():
+                    await conn.execute(INSERT_WEBHOOK, hook)
+                    row = await (await conn.execute(CREATE_JOB, params)).fetchone()
+                    assert row is not None
+                    if row["event_seq"] is not None:
+                        return row
+                    raise psycopg.Rollback()  # left quietly by the transaction block
+            return row  # no job was made (a reused key, a full queue): nor a webhook row
+
+        task = asyncio.ensure_future(create())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        result = await asyncio.shield(task)
+        self._wake.set()
+        return result
 
     async def idempotency_key_job(self, key: str, owner: str | None) -> str | None:
         row = await self._fetch_one(IDEMPOTENCY_KEY, (owner or "", key))
@@ -624,4 +654,6 @@ class PostgresStore:
                     await conn.execute(PRUNE_EVENTS, (cutoff,))
                     await conn.execute(SET_PRUNED_THROUGH, {"cutoff": cutoff})
                 await conn.execute(PRUNE_IDEMPOTENCY_KEYS, (keys_before,))
+                await conn.execute(PRUNE_DELIVERIES)  # of jobs that are gone, once finished
+                await conn.execute(PRUNE_WEBHOOKS)
                 return max(cutoff, row["pruned"])

@@ -31,6 +31,7 @@ from ..errors import StartupError, StorageFull
 from ..feed import Feed
 from ..models import Job, JobStatus, now_text
 from . import Idempotency, JobEvent, KeyReused, NewJob, PendingJob, events_query, list_query
+from .sqlite_deliveries import INSERT_WEBHOOK, PRUNE_DELIVERIES, PRUNE_WEBHOOKS, SQLiteDeliveries
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -459,7 +460,7 @@ def _event(row: Any) -> JobEvent:
     return JobEvent(row["seq"], row["name"], row["job_id"], row["job"], row["job_seq"], row["status"], row["owner"])
 
 
-class SQLiteStore:
+class SQLiteStore(SQLiteDeliveries):
     """The service's SQLite file: writes are group-committed, reads never wait on them."""
 
     backend = "sqlite"
@@ -786,6 +787,8 @@ class SQLiteStore:
                 conn.execute(PRUNE_EVENTS, (cutoff,))
                 conn.execute(SET_PRUNED_THROUGH, (cutoff,))
             conn.execute(PRUNE_IDEMPOTENCY_KEYS, (keys_before,))
+            conn.execute(PRUNE_DELIVERIES)  # of jobs that are gone, once finished
+            conn.execute(PRUNE_WEBHOOKS)
             return cutoff
 
         return await self._write(op, frees=True)
@@ -870,6 +873,10 @@ def _insert_jobs(conn: sqlite3.Connection, new_jobs: list[_NewJob]) -> list[tupl
         INSERT_JOBS + ", ".join([INSERT_JOBS_ROW] * count),
         [value for new_job in new_jobs for value in new_job.params],
     )) - count + 1
+    for new_job in new_jobs:
+        if new_job.webhook is not None:  # before the events: their outbox trigger reads it
+            hook = new_job.webhook
+            conn.execute(INSERT_WEBHOOK, (new_job.params[0], new_job.params[6], hook.url, hook.host, hook.events_json))
     snapshots = [f'{{"seq":{first_job + i},{new_job.snapshot_tail}' for i, new_job in enumerate(new_jobs)]
     first_event = _last_rowid(conn.execute(
         INSERT_EVENTS + ", ".join([INSERT_EVENTS_ROW] * count),
@@ -908,13 +915,14 @@ def created_snapshot_tail(new: NewJob) -> str:
 class _NewJob:
     """The write op of a create; a group commit's many run as one (run_together)."""
 
-    __slots__ = ("params", "snapshot_tail")
+    __slots__ = ("params", "snapshot_tail", "webhook")
     run_together = staticmethod(_insert_jobs)
 
     def __init__(self, new: NewJob) -> None:
         # INSERT_JOBS_ROW's values: id, num_images, animal, prompt, created_at, updated_at, owner
         self.params = (new.job_id, new.num_images, new.animal, new.prompt, new.now, new.now, new.owner)
         self.snapshot_tail = created_snapshot_tail(new)
+        self.webhook = new.webhook
 
     def __call__(self, conn: sqlite3.Connection) -> tuple[int, str, str, int, str | None]:
         return _insert_jobs(conn, [self])[0]
