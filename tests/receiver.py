@@ -31,6 +31,7 @@ class Receiver:
     open_now: int = 0  # requests being answered right now
     most_open: int = 0
     url: str = ""
+    body: bytes = b"ok"  # what each answer carries
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -43,7 +44,7 @@ class Receiver:
             if answer == "hang":
                 await asyncio.sleep(3600)
             status, headers = answer if isinstance(answer, tuple) else (answer, {})
-            return web.Response(status=status, text="ok", headers=headers)
+            return web.Response(status=status, body=self.body, headers=headers)
         finally:
             self.open_now -= 1
 

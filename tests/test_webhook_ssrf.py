@@ -42,6 +42,9 @@ REFUSED = [
     ("2002:a9fe:a9fe::1", "link-local, embedded"), ("2002:7f00:1::", "loopback, embedded"),
     ("64:ff9b::a9fe:a9fe", "link-local, embedded"), ("64:ff9b::10.0.0.1", "private, embedded"),
     ("64:ff9b:1::a00:1", "private, embedded"),
+    # Prefixes that are not public themselves, whatever IPv4 address they carry.
+    ("64:ff9b:1::808:808", "reserved (local-use NAT64)"), ("::ffff:0:808:808", "reserved (IPv4-translated)"),
+    ("::ffff:0:7f00:1", "reserved (IPv4-translated)"),
 ]
 ALLOWED = ["93.184.216.34", "8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "2a00:1450:4001:80b::200e",
            "::ffff:93.184.216.34", "2002:5db8:d822::1", "64:ff9b::808:808"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from typing import Any
 
@@ -226,12 +227,19 @@ async def test_without_a_secret_a_webhook_is_refused_with_the_reason(client: Any
     assert "secret is not set" in (await response.json())["detail"]
 
 
-async def test_an_idempotent_repeat_with_another_webhook_is_refused(secret: str, client: Any) -> None:
+async def test_an_idempotent_repeat_with_another_webhook_is_refused(
+    secret: str, client: Any, database: TestDatabase
+) -> None:
     headers = {"Idempotency-Key": "k1"}
     first = await client.post("/generations", json={"numImages": 1, "webhook": "https://example.com/a"}, headers=headers)
     again = await client.post("/generations", json={"numImages": 1, "webhook": "https://example.com/a"}, headers=headers)
     other = await client.post("/generations", json={"numImages": 1, "webhook": "https://example.com/b"}, headers=headers)
     assert (first.status, again.status, other.status) == (202, 202, 422)
+    # The repeats made no job; on PostgreSQL each left a webhook row for the id it never used,
+    # which the prune pass removes.
+    assert database.rows("SELECT count(*) AS n FROM jobs")[0]["n"] == 1
+    await prune(client)
+    assert database.rows("SELECT count(*) AS n FROM job_webhooks")[0]["n"] == 1
 
 
 async def test_a_deleted_job_still_announces_its_deletion_and_its_deliveries_are_pruned_after(
@@ -252,3 +260,70 @@ async def test_a_deleted_job_still_announces_its_deletion_and_its_deliveries_are
         await prune(client)
         assert database.rows("SELECT count(*) AS n FROM deliveries")[0]["n"] == 0
         assert database.rows("SELECT count(*) AS n FROM job_webhooks")[0]["n"] == 0
+
+
+async def test_timeouts_408_and_refused_connections_are_retried_until_the_window_ends(
+    make_client: Any, secret: str
+) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections to it are refused
+    refused_url = f"http://127.0.0.1:{closed.getsockname()[1]}/hook"
+    settings = {**LOOPBACK, "timeout_s": 0.5, "retry_base_s": 0.2, "retry_for_s": 2.5}
+    try:
+        async with receiver(answers=[408, "hang"], then=500) as hook, receiver(then=(200, {})) as big:
+            big.body = b"x" * 1_000_000  # an answer far over what is read of it
+            client = await make_client(webhooks=settings)
+            answered = await create_job(client, webhook=hook.url)
+            refused = await create_job(client, webhook=refused_url)
+            fine = await create_job(client, webhook=big.url)
+            (delivery,) = await settled(client, answered, timeout=30)
+            outcomes = [a["status"] or a["error"] for a in delivery["attempts"]]
+            assert outcomes[:3] == [408, "timeout", 500] and set(outcomes[3:]) <= {500}, outcomes
+            assert delivery["status"] == "given_up" and delivery["nextAttemptAt"] is None
+            (delivery,) = await settled(client, refused, timeout=30)
+            assert delivery["status"] == "given_up" and len(delivery["attempts"]) >= 2
+            assert {a["error"] for a in delivery["attempts"]} == {"connection_error"}
+            (delivery,) = await settled(client, fine)
+            assert delivery["status"] == "delivered"
+    finally:
+        closed.close()
+
+
+def test_a_retry_after_of_any_shape_is_read_safely() -> None:
+    from imagegen.webhooks.deliver import backoff_s, retry_after_s
+
+    assert retry_after_s("7") == 7.0 and retry_after_s(" 7 ") == 7.0
+    assert retry_after_s("9" * 400) is None and retry_after_s("\u00b2") is None  # not ASCII digits, or absurd
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
+    assert retry_after_s("soon") is None and retry_after_s(None) is None
+    assert backoff_s(5000, 5.0, 10.0**30) < 10**9  # huge attempt counts and waits stay finite
+
+
+async def test_only_the_holder_of_a_deliverys_lease_records_its_outcome(
+    make_client: Any, secret: str, database: TestDatabase
+) -> None:
+    # A node whose lease lapsed (and another took the delivery over) must not overwrite the
+    # other's outcome nor lift its lease. The store is driven directly, as two deliverers would.
+    from imagegen.store import STORE
+    from imagegen.store.deliveries import Attempt
+    from imagegen.webhooks.deliver import DELIVERER
+
+    client = await make_client(webhooks=LOOPBACK)
+    await client.app[DELIVERER].stop()  # this test is the deliverer
+    store = client.app[STORE]
+    job_id = await create_job(client, webhook="http://127.0.0.1:9999/hook")
+    await wait_for_status(client, job_id, {"completed"})
+    now = lambda: time.time_ns() // 1_000_000  # noqa: E731
+    (first,) = await store.claim_deliveries("node-a", now(), 50, 10, [])
+    assert await store.claim_deliveries("node-b", now(), 50, 10, []) == []  # leased to node-a
+    await asyncio.sleep(0.2)  # node-a's lease lapses
+    (taken,) = await store.claim_deliveries("node-b", now(), 60_000, 10, [])
+    assert taken.delivery_id == first.delivery_id
+    late = Attempt("2026-12-01T00:00:00.000Z", 1, 200, None)
+    await store.record_attempt("node-a", first, late, "delivered", None)
+    await store.release_deliveries("node-a", [first.delivery_id])
+    (row,) = database.rows("SELECT status, lease_owner, attempts FROM deliveries")
+    assert (row["status"], row["lease_owner"], row["attempts"]) == ("pending", "node-b", "[]")
+    await store.record_attempt("node-b", taken, late, "delivered", None)
+    (row,) = database.rows("SELECT status, lease_owner FROM deliveries")
+    assert (row["status"], row["lease_owner"]) == ("delivered", None)

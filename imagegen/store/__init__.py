@@ -183,11 +183,16 @@ class JobStore(Protocol):
         time does it; the others return at once."""
 
     # --- webhook deliveries (store/deliveries.py; each backend's *_deliveries.py) ---
-    async def claim_deliveries(self, now_ms: int, lease_ms: int, limit: int, busy_hosts: Sequence[str]) -> list[Delivery]:
-        """Lease up to `limit` due deliveries, each its job's earliest pending one, none to `busy_hosts`."""
-    async def record_attempt(self, delivery: Delivery, attempt: Attempt, status: DeliveryStatus, next_at_ms: int | None) -> None:
-        """Append the attempt, set the delivery's status (and next attempt), lift its lease."""
-    async def release_deliveries(self, delivery_ids: Sequence[str] | None = None) -> None: ...
+    async def claim_deliveries(
+        self, owner: str, now_ms: int, lease_ms: int, limit: int, busy_hosts: Sequence[str]
+    ) -> list[Delivery]:
+        """Lease to `owner` up to `limit` due deliveries, each its job's earliest pending one, none to `busy_hosts`."""
+    async def record_attempt(
+        self, owner: str, delivery: Delivery, attempt: Attempt, status: DeliveryStatus, next_at_ms: int | None
+    ) -> None:
+        """Append the attempt, set the delivery's status (and next attempt), lift its lease: if
+        `owner` still holds that lease (else another took it over, and nothing is recorded)."""
+    async def release_deliveries(self, owner: str, delivery_ids: Sequence[str] | None = None) -> None: ...
     async def deliveries_of(self, job_id: str) -> list[Delivery]: ...
     async def retry_delivery(self, job_id: str, delivery_id: str, now_ms: int, now: str) -> Delivery | None:
         """A failed or given-up delivery pending again, due now; None if there is no such

@@ -506,22 +506,24 @@ class PostgresStore(PostgresDeliveries):
         return self._committed([event])[0]
 
     async def _write_with_webhook(self, new: NewJob, params: dict[str, Any]) -> dict[str, Any]:
-        """The create and its webhook in one transaction: the webhook row first, so the outbox
-        trigger of the job.created event sees it; rolled back with it when no job is made."""
+        """The create and its webhook in one transaction, the webhook row first, so the outbox
+        trigger of the job.created event sees it. Pipelined: BEGIN, both statements and COMMIT
+        go in one round trip, so the event counter's lock is not held across the network.
+        When no job is made (a reused key, a full queue) the webhook row of the id that was never
+        used stays, harmless, until the prune pass removes it with the webhooks of gone jobs."""
         assert new.webhook is not None
         hook = {"id": new.job_id, "owner": new.owner, "url": new.webhook.url, "host": new.webhook.host,
                 "events": new.webhook.events_json}
 
         async def create() -> dict[str, Any]:
             async with self._connection() as conn:
-                async with conn.transaction():
-                    await conn.execute(INSERT_WEBHOOK, hook)
-                    row = await (await conn.execute(CREATE_JOB, params)).fetchone()
-                    assert row is not None
-                    if row["event_seq"] is not None:
-                        return row
-                    raise psycopg.Rollback()  # left quietly by the transaction block
-            return row  # no job was made (a reused key, a full queue): nor a webhook row
+                async with conn.pipeline():
+                    async with conn.transaction():
+                        await conn.execute(INSERT_WEBHOOK, hook)
+                        cursor = await conn.execute(CREATE_JOB, params)
+                    row = await cursor.fetchone()
+            assert row is not None
+            return row
 
         task = asyncio.ensure_future(create())
         self._writes.add(task)

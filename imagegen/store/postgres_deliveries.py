@@ -16,12 +16,15 @@ if TYPE_CHECKING:
 INSERT_WEBHOOK = """
 INSERT INTO job_webhooks (job_id, owner, url, host, events) VALUES (%(id)s, %(owner)s, %(url)s, %(host)s, %(events)s::jsonb)
 """
+# The database's clock in Unix milliseconds: leases are compared by one clock, whatever each
+# node's says.
+NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
 # As SQLite's CLAIM_DELIVERIES (sqlite_deliveries.py), skipping rows another node is claiming.
-CLAIM_DELIVERIES = """
-UPDATE deliveries SET lease_until_ms = %(now)s + %(lease)s
+CLAIM_DELIVERIES = f"""
+UPDATE deliveries SET lease_until_ms = {NOW_MS} + %(lease)s, lease_owner = %(owner)s
 WHERE id IN (
     SELECT d.id FROM deliveries AS d
-    WHERE d.status = 'pending' AND d.next_at_ms <= %(now)s AND (d.lease_until_ms IS NULL OR d.lease_until_ms < %(now)s)
+    WHERE d.status = 'pending' AND d.next_at_ms <= {NOW_MS} AND (d.lease_until_ms IS NULL OR d.lease_until_ms < {NOW_MS})
       AND d.host <> ALL(%(busy)s::text[])
       AND NOT EXISTS (SELECT 1 FROM deliveries AS e WHERE e.job_id = d.job_id AND e.seq < d.seq AND e.status = 'pending')
     ORDER BY d.next_at_ms LIMIT %(limit)s
@@ -29,13 +32,16 @@ WHERE id IN (
 )
 RETURNING *
 """
+# Only the lease's holder records: a node whose lease lapsed (and was taken over) records nothing.
 RECORD_ATTEMPT = """
-UPDATE deliveries SET status = %(status)s, next_at_ms = %(next)s, lease_until_ms = NULL, updated_at = %(now)s,
-       attempts = (attempts::jsonb || jsonb_build_array(%(attempt)s::jsonb))::text
-WHERE id = %(id)s AND status = 'pending'
+UPDATE deliveries SET status = %(status)s, next_at_ms = %(next)s, lease_until_ms = NULL, lease_owner = NULL,
+       updated_at = %(now)s, attempts = (attempts::jsonb || jsonb_build_array(%(attempt)s::jsonb))::text
+WHERE id = %(id)s AND status = 'pending' AND lease_owner = %(owner)s
 RETURNING id
 """
-RELEASE_DELIVERIES = "UPDATE deliveries SET lease_until_ms = NULL WHERE id = ANY(%s::text[])"
+RELEASE_DELIVERIES = (
+    "UPDATE deliveries SET lease_until_ms = NULL, lease_owner = NULL WHERE id = ANY(%s::text[]) AND lease_owner = %s"
+)
 JOB_DELIVERIES = "SELECT * FROM deliveries WHERE job_id = %s ORDER BY seq"
 RETRY_DELIVERY = """
 UPDATE deliveries SET status = 'pending', next_at_ms = %(now_ms)s, window_ms = %(now_ms)s, updated_at = %(now)s
@@ -60,23 +66,27 @@ class PostgresDeliveries:
     _fetch_all: Callable[..., Any]
     _fetch_one: Callable[..., Any]
 
-    async def claim_deliveries(self, now_ms: int, lease_ms: int, limit: int, busy_hosts: Sequence[str]) -> list[Delivery]:
-        rows = await self._write(CLAIM_DELIVERIES, {"now": now_ms, "lease": lease_ms, "busy": list(busy_hosts), "limit": limit})
+    async def claim_deliveries(
+        self, owner: str, now_ms: int, lease_ms: int, limit: int, busy_hosts: Sequence[str]
+    ) -> list[Delivery]:
+        # now_ms is unused: on many nodes the database's clock decides (NOW_MS).
+        params = {"owner": owner, "lease": lease_ms, "busy": list(busy_hosts), "limit": limit}
+        rows = await self._write(CLAIM_DELIVERIES, params)
         return sorted((Delivery.from_row(row) for row in rows), key=lambda d: d.next_at_ms or 0)
 
     async def record_attempt(
-        self, delivery: Delivery, attempt: Attempt, status: DeliveryStatus, next_at_ms: int | None
+        self, owner: str, delivery: Delivery, attempt: Attempt, status: DeliveryStatus, next_at_ms: int | None
     ) -> None:
         await self._write(RECORD_ATTEMPT, {
             "status": status, "next": next_at_ms, "now": attempt.at, "attempt": json.dumps(attempt.as_json()),
-            "id": delivery.delivery_id,
+            "id": delivery.delivery_id, "owner": owner,
         })
 
-    async def release_deliveries(self, delivery_ids: Sequence[str] | None = None) -> None:
-        """Lift the leases of these deliveries (None: nothing, on PostgreSQL: other nodes' leases
-        are live, and this node's lapse)."""
+    async def release_deliveries(self, owner: str, delivery_ids: Sequence[str] | None = None) -> None:
+        """Lift `owner`'s leases of these deliveries (None: nothing, on PostgreSQL: other nodes'
+        leases are live, and this node's lapse)."""
         if delivery_ids:
-            await self._fetch_all(RELEASE_DELIVERIES + " RETURNING id", (list(delivery_ids),))
+            await self._fetch_all(RELEASE_DELIVERIES + " RETURNING id", (list(delivery_ids), owner))
 
     async def deliveries_of(self, job_id: str) -> list[Delivery]:
         return [Delivery.from_row(row) for row in await self._fetch_all(JOB_DELIVERIES, (job_id,))]

@@ -18,7 +18,7 @@ INSERT_WEBHOOK = "INSERT INTO job_webhooks (job_id, owner, url, host, events) VA
 # The due deliveries, oldest due first, each the earliest pending one of its job (a job's
 # deliveries go out in event order), none to a host that has all the attempts it may have.
 CLAIM_DELIVERIES = """
-UPDATE deliveries SET lease_until_ms = ?1 + ?2
+UPDATE deliveries SET lease_until_ms = ?1 + ?2, lease_owner = ?5
 WHERE id IN (
     SELECT d.id FROM deliveries AS d
     WHERE d.status = 'pending' AND d.next_at_ms <= ?1 AND (d.lease_until_ms IS NULL OR d.lease_until_ms < ?1)
@@ -29,12 +29,15 @@ WHERE id IN (
 RETURNING *
 """
 RECORD_ATTEMPT = """
-UPDATE deliveries SET status = ?, next_at_ms = ?, lease_until_ms = NULL, updated_at = ?,
+UPDATE deliveries SET status = ?, next_at_ms = ?, lease_until_ms = NULL, lease_owner = NULL, updated_at = ?,
        attempts = json_insert(attempts, '$[#]', json(?))
-WHERE id = ? AND status = 'pending'
+WHERE id = ? AND status = 'pending' AND lease_owner = ?
 """
-RELEASE_DELIVERIES = "UPDATE deliveries SET lease_until_ms = NULL WHERE id IN (SELECT value FROM json_each(?))"
-RELEASE_ALL_DELIVERIES = "UPDATE deliveries SET lease_until_ms = NULL WHERE lease_until_ms IS NOT NULL"
+RELEASE_DELIVERIES = (
+    "UPDATE deliveries SET lease_until_ms = NULL, lease_owner = NULL WHERE id IN (SELECT value FROM json_each(?))"
+    " AND lease_owner = ?"
+)
+RELEASE_ALL_DELIVERIES = "UPDATE deliveries SET lease_until_ms = NULL, lease_owner = NULL WHERE lease_until_ms IS NOT NULL"
 JOB_DELIVERIES = "SELECT * FROM deliveries WHERE job_id = ? ORDER BY seq"
 RETRY_DELIVERY = """
 UPDATE deliveries SET status = 'pending', next_at_ms = ?1, window_ms = ?1, updated_at = ?2
@@ -61,30 +64,33 @@ class SQLiteDeliveries:
     _fetch_all: Callable[..., Any]
     _fetch_one: Callable[..., Any]
 
-    async def claim_deliveries(self, now_ms: int, lease_ms: int, limit: int, busy_hosts: Sequence[str]) -> list[Delivery]:
+    async def claim_deliveries(
+        self, owner: str, now_ms: int, lease_ms: int, limit: int, busy_hosts: Sequence[str]
+    ) -> list[Delivery]:
         def op(conn: sqlite3.Connection) -> list[Any]:
-            return conn.execute(CLAIM_DELIVERIES, (now_ms, lease_ms, json.dumps(list(busy_hosts)), limit)).fetchall()
+            params = (now_ms, lease_ms, json.dumps(list(busy_hosts)), limit, owner)
+            return conn.execute(CLAIM_DELIVERIES, params).fetchall()
 
         rows = await self._write(op)
         return sorted((Delivery.from_row(row) for row in rows), key=lambda d: d.next_at_ms or 0)
 
     async def record_attempt(
-        self, delivery: Delivery, attempt: Attempt, status: DeliveryStatus, next_at_ms: int | None
+        self, owner: str, delivery: Delivery, attempt: Attempt, status: DeliveryStatus, next_at_ms: int | None
     ) -> None:
-        params = (status, next_at_ms, attempt.at, json.dumps(attempt.as_json()), delivery.delivery_id)
+        params = (status, next_at_ms, attempt.at, json.dumps(attempt.as_json()), delivery.delivery_id, owner)
 
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(RECORD_ATTEMPT, params)
 
         await self._write(op)
 
-    async def release_deliveries(self, delivery_ids: Sequence[str] | None = None) -> None:
-        """Lift the leases of these deliveries (None: of all, as the one process starts)."""
+    async def release_deliveries(self, owner: str, delivery_ids: Sequence[str] | None = None) -> None:
+        """Lift `owner`'s leases of these deliveries (None: every lease, as the one process starts)."""
         def op(conn: sqlite3.Connection) -> None:
             if delivery_ids is None:
                 conn.execute(RELEASE_ALL_DELIVERIES)
             else:
-                conn.execute(RELEASE_DELIVERIES, (json.dumps(list(delivery_ids)),))
+                conn.execute(RELEASE_DELIVERIES, (json.dumps(list(delivery_ids)), owner))
 
         await self._write(op)
 

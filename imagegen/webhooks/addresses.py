@@ -46,6 +46,8 @@ _BLOCKED_IPV4 = [
 _BLOCKED_IPV6 = [
     ("unspecified", ipaddress.ip_network("::/128")),
     ("loopback", ipaddress.ip_network("::1/128")),
+    ("reserved (IPv4-translated)", ipaddress.ip_network("::ffff:0:0:0/96")),
+    ("reserved (local-use NAT64)", ipaddress.ip_network("64:ff9b:1::/48")),
     ("reserved (discard)", ipaddress.ip_network("100::/64")),
     ("reserved (IETF protocols)", ipaddress.ip_network("2001::/23")),
     ("documentation", ipaddress.ip_network("2001:db8::/32")),
@@ -75,17 +77,19 @@ def blocked_reason(address: IPAddress, allow: Sequence[Network] = ()) -> str | N
     """
     if any(address.version == network.version and address in network for network in allow):
         return None
+    inner = None
     if isinstance(address, ipaddress.IPv6Address):
         inner = embedded_ipv4(address)
-        if inner is not None:
-            reason = blocked_reason(inner, allow)
-            return None if reason is None else f"{reason}, embedded in {address}"
+        if inner is not None and (reason := blocked_reason(inner, allow)) is not None:
+            return f"{reason}, embedded in {address}"
         table: list[tuple[str, Network]] = _BLOCKED_IPV6  # type: ignore[assignment]
     else:
         table = _BLOCKED_IPV4  # type: ignore[assignment]
-    for reason, network in table:
+    for reason, network in table:  # the outer address too: a prefix that is itself not public
         if address in network:
             return reason
+    if inner is not None:
+        return None  # a public IPv4 address, in an IPv6 form that carries it
     # Whatever else IANA does not list as globally reachable (new special-purpose blocks).
     return None if address.is_global else "not globally reachable"
 

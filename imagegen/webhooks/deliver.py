@@ -18,8 +18,12 @@ import asyncio
 import ipaddress
 import json
 import logging
+import os
 import random
+import re
+import secrets
 import socket
+from concurrent.futures import ThreadPoolExecutor
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -71,9 +75,16 @@ class BlockedAddress(Exception):
     """The webhook's host resolves to an address it may not be sent to."""
 
 
+# getaddrinfo blocks a thread until the DNS answers (or never): lookups get threads of their own,
+# so receivers' slow name servers cannot take the default pool the providers and storage use.
+_LOOKUPS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="imagegen-webhook-dns")
+
+
 async def system_resolve(host: str, port: int) -> list[IPAddress]:
     """The host's addresses as the system resolver gives them (an address given as such is itself)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = await asyncio.get_running_loop().run_in_executor(
+        _LOOKUPS, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM
+    )
     return list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos))
 
 
@@ -100,19 +111,20 @@ class _PinnedResolver(AbstractResolver):
 def backoff_s(attempts: int, base_s: float, retry_after_s: float | None) -> float:
     """The wait before attempt `attempts` + 1: exponential from `base_s` with +-20 % jitter, or
     what the receiver's Retry-After asked for if that is longer."""
-    delay = min(base_s * 2 ** (attempts - 1), MAX_BACKOFF_S) * random.uniform(0.8, 1.2)
-    return max(delay, retry_after_s or 0.0)
+    delay = min(base_s * 2 ** min(attempts - 1, 40), MAX_BACKOFF_S) * random.uniform(0.8, 1.2)
+    # A Retry-After past the retry window gives the delivery up: capped, it still is.
+    return max(delay, min(retry_after_s or 0.0, 366 * 86_400.0))
 
 
 def retry_after_s(value: str | None) -> float | None:
     """A Retry-After header's seconds (delta-seconds or an HTTP date), None if absent or unreadable."""
     if not value:
         return None
-    if value.strip().isdigit():
+    if re.fullmatch(r"[0-9]{1,10}", value.strip()):  # ASCII digits only: "²".isdigit() is true too
         return float(value.strip())
     try:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
@@ -131,10 +143,12 @@ class Deliverer:
         self._in_flight: dict[str, asyncio.Task[None]] = {}  # delivery id -> its attempt
         self._per_host: Counter[str] = Counter()
         self._loop_task: asyncio.Task[None] | None = None
+        # Who holds this node's leases: only the holder records an outcome or lifts a lease.
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
     async def start(self) -> None:
         if self._store.backend == "sqlite":
-            await self._store.release_deliveries(None)  # one process: a lease left is a dead one's
+            await self._store.release_deliveries(self._owner, None)  # one process: a lease left is a dead one's
         self._feed.subscribe(self._on_events)
         self._loop_task = asyncio.create_task(self._run(), name="imagegen-webhooks")
 
@@ -157,7 +171,7 @@ class Deliverer:
         await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
         if interrupted:
             with suppress(Exception):
-                await self._store.release_deliveries(interrupted)
+                await self._store.release_deliveries(self._owner, interrupted)
 
     async def _run(self) -> None:
         while True:
@@ -189,9 +203,11 @@ class Deliverer:
                 return POLL_S  # an attempt that ends wakes the loop
             busy = [host for host, n in self._per_host.items() if n >= settings.per_host]
             lease_ms = int(lease_s(settings.timeout_s) * 1000)
-            claimed = await self._store.claim_deliveries(now_ms, lease_ms, room, busy)
+            claimed = await self._store.claim_deliveries(self._owner, now_ms, lease_ms, room, busy)
             excess = []
             for delivery in claimed:
+                if delivery.delivery_id in self._in_flight:
+                    continue  # its lease lapsed while this node still records it: not twice
                 if self._per_host[delivery.host] >= settings.per_host:
                     excess.append(delivery.delivery_id)  # one claim took more for a host than it may have
                     continue
@@ -199,7 +215,7 @@ class Deliverer:
                 task = asyncio.create_task(self._attempt(delivery), name=f"imagegen-webhook-{delivery.delivery_id}")
                 self._in_flight[delivery.delivery_id] = task
             if excess:
-                await self._store.release_deliveries(excess)
+                await self._store.release_deliveries(self._owner, excess)
             if not claimed or excess:
                 # What is due waits for an earlier delivery of its job, a busy host or another
                 # node's lease: each of those wakes the loop, or the poll looks again.
@@ -207,8 +223,13 @@ class Deliverer:
 
     async def _attempt(self, delivery: Delivery) -> None:
         try:
-            attempt = await self._send(delivery)
-            status, next_at_ms = self._outcome(delivery, attempt)
+            try:
+                attempt = await self._send(delivery)
+                status, next_at_ms = self._outcome(delivery, attempt)
+            except Exception as exc:  # never lose the outcome: an attempt that broke is retried
+                log.exception("webhook %s: the attempt failed", delivery.delivery_id)
+                attempt = Attempt(now_text(), 0, None, "internal_error", type(exc).__name__)
+                status, next_at_ms = self._outcome(delivery, attempt)
             await self._record(delivery, attempt, status, next_at_ms)
         finally:
             self._in_flight.pop(delivery.delivery_id, None)
@@ -221,7 +242,7 @@ class Deliverer:
         delay = 0.5
         while True:
             try:
-                await self._store.record_attempt(delivery, attempt, status, next_at_ms)
+                await self._store.record_attempt(self._owner, delivery, attempt, status, next_at_ms)
                 break
             except asyncio.CancelledError:
                 raise
@@ -266,9 +287,9 @@ class Deliverer:
         try:
             async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
                 async with session.post(target, data=body, headers=headers, allow_redirects=False) as response:
-                    await response.content.read(MAX_RESPONSE_BYTES)
-                    retry_after = response.headers.get("Retry-After")
-                    return result(response.status, None, retry_after)
+                    with suppress(aiohttp.ClientError, TimeoutError):  # the status is the answer; the body only a courtesy
+                        await response.content.read(MAX_RESPONSE_BYTES)
+                    return result(response.status, None, response.headers.get("Retry-After"))
         except TimeoutError:
             return result(None, "timeout", f"no answer within {self._settings.timeout_s:g} s")
         except (aiohttp.ClientError, OSError) as exc:

@@ -25,7 +25,8 @@ CREATE TABLE deliveries (
     attempts   text NOT NULL DEFAULT '[]',
     next_at_ms bigint,
     window_ms  bigint NOT NULL,
-    lease_until_ms bigint,
+    lease_until_ms bigint,  -- by the database's clock, as every node reads it
+    lease_owner text,
     created_at text NOT NULL,
     updated_at text NOT NULL
 );

@@ -26,6 +26,7 @@ CREATE TABLE deliveries (
     next_at_ms INTEGER,                       -- pending: the next attempt not before (Unix ms)
     window_ms  INTEGER NOT NULL,              -- retries end retry_for_s after this (its creation, or a manual retry)
     lease_until_ms INTEGER,                   -- an attempt is in flight until then (a node claimed it)
+    lease_owner TEXT,                         -- which deliverer holds that lease: only it records the outcome
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
