@@ -65,6 +65,11 @@ class Metrics:
         self.provider_errors = Counter(
             "imagegen_provider_errors", "Failed provider calls, by error code.", ["code"], registry=registry
         )
+        # --- webhooks ---
+        self.webhook_attempts = Counter(
+            "imagegen_webhook_attempts", "Webhook delivery attempts this node made, by what the delivery "
+            "became (delivered, pending: to be retried, failed, given_up).", ["outcome"], registry=registry,
+        )
         # --- read from the database at scrape time ---
         self.jobs = Gauge("imagegen_jobs", "Jobs in the database, by current status.", ["status"], registry=registry)
         self.queue_depth = Gauge("imagegen_queue_depth", "Pending jobs in the database (every node's).",

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from standardwebhooks import Webhook
 
 from imagegen.webhooks import new_secret
@@ -91,6 +92,12 @@ async def test_500_twice_then_200_is_one_successful_delivery_after_backoff(make_
         (delivery,) = await settled(client, job_id)
         assert [a["status"] for a in delivery["attempts"]] == [500, 503, 200]
         assert delivery["status"] == "delivered"
+        # Each attempt is counted by what it made of the delivery.
+        text = await (await client.get("/metrics")).text()
+        counted = {sample.labels["outcome"]: sample.value for family in text_string_to_metric_families(text)
+                   if family.name == "imagegen_webhook_attempts" for sample in family.samples
+                   if sample.name.endswith("_total")}
+        assert counted == {"pending": 2.0, "delivered": 1.0}, counted
 
 
 async def test_429_with_retry_after_is_honoured(make_client: Any, secret: str) -> None:

@@ -41,6 +41,7 @@ from ..api.render import Links
 from ..auth import CREDENTIALS
 from ..config import SETTINGS, WebhookSettings
 from ..feed import FEED, Feed
+from ..metrics import METRICS, Metrics
 from ..models import Job, now_text
 from ..store import STORE, JobEvent
 from ..store.deliveries import Attempt, Delivery, DeliveryStatus
@@ -131,8 +132,9 @@ def retry_after_s(value: str | None) -> float | None:
 class Deliverer:
     def __init__(
         self, store: Any, feed: Feed, settings: WebhookSettings, signer: Signer,
-        body_of: Callable[[Delivery], bytes], resolve: Resolve = system_resolve,
+        body_of: Callable[[Delivery], bytes], resolve: Resolve = system_resolve, metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._store = store
         self._feed = feed
         self._settings = settings
@@ -251,6 +253,8 @@ class Deliverer:
                             delivery.delivery_id, type(exc).__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+        if self._metrics is not None:
+            self._metrics.webhook_attempts.labels(status).inc()
         level = logging.INFO if status in ("delivered", "pending") else logging.WARNING
         log.log(level, "webhook %s %s for job %s: %s (attempt %d, %s)", delivery.delivery_id, delivery.event,
                 delivery.job_id, status, len(delivery.attempts) + 1,
@@ -340,7 +344,9 @@ async def deliverer_context(app: web.Application) -> AsyncIterator[None]:
     def body_of(delivery: Delivery) -> bytes:
         return webhook_body(delivery, Links(base, credentials))
 
-    deliverer = Deliverer(app[STORE], app[FEED], settings.webhooks, signer, body_of, app.get(RESOLVER, system_resolve))
+    deliverer = Deliverer(
+        app[STORE], app[FEED], settings.webhooks, signer, body_of, app.get(RESOLVER, system_resolve), app.get(METRICS)
+    )
     await deliverer.start()
     app[DELIVERER] = deliverer
     try:
