@@ -6,6 +6,7 @@ Not a benchmark itself; imported from the scripts beside it (their directory is 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -156,3 +157,15 @@ def pg_setting(url: str, name: str) -> str:
         row = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
     assert row is not None
     return str(row[0])
+
+
+async def until_no_job_runs(session: Any, base: str, interval: float = 0.02) -> None:
+    """Return once the server at `base` has no pending or processing job (an aiohttp session)."""
+    while True:
+        busy = 0
+        for status in ("pending", "processing"):
+            async with session.get(f"{base}/generations", params={"status": status, "limit": "1"}) as response:
+                busy += len((await response.json())["jobs"])
+        if not busy:
+            return
+        await asyncio.sleep(interval)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import aiohttp
 
-from common import server
+from common import server, until_no_job_runs
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -59,14 +59,8 @@ async def run_jobs(base: str, jobs: int) -> float:
                     assert response.status == 202, await response.text()
 
         await asyncio.gather(*(submitter() for _ in range(64)))
-        while True:
-            busy = 0
-            for status in ("pending", "processing"):
-                async with session.get(f"{base}/generations", params={"status": status, "limit": "1"}) as response:
-                    busy += len((await response.json())["jobs"])
-            if not busy:
-                return jobs / (time.perf_counter() - started)
-            await asyncio.sleep(0.01)
+        await until_no_job_runs(session, base, interval=0.01)
+    return jobs / (time.perf_counter() - started)
 
 
 def main() -> int:

@@ -30,7 +30,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from common import server
+from common import server, until_no_job_runs
 
 SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWY="  # 32 bytes, bench only
 
@@ -89,14 +89,7 @@ async def run_jobs(base: str, jobs: int, webhook: str | None) -> float:
                     assert response.status == 202, await response.text()
 
         await asyncio.gather(*(submitter() for _ in range(16)))
-        while True:
-            busy = 0
-            for status in ("pending", "processing"):
-                async with session.get(f"{base}/generations", params={"status": status, "limit": "1"}) as response:
-                    busy += len((await response.json())["jobs"])
-            if not busy:
-                break
-            await asyncio.sleep(0.02)
+        await until_no_job_runs(session, base)
     return jobs / (time.perf_counter() - started)
 
 

@@ -18,7 +18,6 @@ import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -29,7 +28,7 @@ from .errors import IdempotencyKeyReused, InvalidJob, JobConflict, JobNotFound, 
 from . import logs
 from .feed import FEED, Feed
 from .auth import Tenant
-from .models import Job, JobStatus, now_text
+from .models import Job, JobStatus, now_text, time_text
 from .storage import IMAGES, ImageStore
 from .store import STORE, Idempotency, JobEvent, JobStore, KeyReused, NewJob, QueueLimit
 from .store.deliveries import Webhook
@@ -61,7 +60,7 @@ def request_hash(num_images: int, animal: str | None, prompt: str | None, webhoo
 
 def timestamp_in(seconds: float) -> str:
     """now + `seconds`, in the API's time format."""
-    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat(timespec="milliseconds")[:-6] + "Z"
+    return time_text(time.time_ns() // 1_000_000 + int(seconds * 1000))
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,11 @@ from .config import Settings
 def now_text() -> str:
     """The current time as ISO 8601 UTC with milliseconds and Z: the one time format of the
     API and the database."""
-    milliseconds = time.time_ns() // 1_000_000
+    return time_text(time.time_ns() // 1_000_000)
+
+
+def time_text(milliseconds: int) -> str:
+    """A Unix time in milliseconds, in the API's time format (now_text's)."""
     seconds, millis = divmod(milliseconds, 1000)
     return f"{_second_text(seconds)}.{millis:03d}Z"
 

@@ -19,7 +19,6 @@ layers), and `tenant_of` is None: every job is visible, as before.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -27,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from ..auth import CREDENTIALS, Tenant
 from ..logs import facts_of
+from ..models import time_text
 from .access import access_of
 from .openapi import Reply, operation
 from .problems import problem_response
@@ -111,5 +111,5 @@ async def create_token(request: web.Request) -> web.Response:
     """POST /tokens: a signed token for the caller's tenant, for ?token= on the streams."""
     tenant = request[TENANT]  # the middleware let only a valid key through ("key" access)
     token, expires = request.app[CREDENTIALS].issue_token(tenant)
-    expires_at = datetime.fromtimestamp(expires, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    expires_at = time_text(int(expires * 1000))
     return web.json_response({"token": token, "expiresAt": expires_at}, status=201)

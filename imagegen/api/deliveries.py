@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import UTC, datetime
 
 from aiohttp import web
 from pydantic import BaseModel, Field
 
 from ..errors import JobConflict, JobNotFound
 from ..jobs import JOBS
-from ..models import DeliveryList, DeliveryView, now_text
+from ..models import DeliveryList, DeliveryView, now_text, time_text
 from ..store import STORE
 from ..store.deliveries import Delivery, DeliveryNotRetryable
 from ..webhooks.deliver import DELIVERER
@@ -33,7 +32,7 @@ class DeliveryPath(BaseModel):
 def view(delivery: Delivery) -> DeliveryView:
     next_at = None
     if delivery.status == "pending" and delivery.next_at_ms is not None:
-        next_at = datetime.fromtimestamp(delivery.next_at_ms / 1000, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+        next_at = time_text(delivery.next_at_ms)
     return DeliveryView(
         delivery_id=delivery.delivery_id, event=delivery.event, event_id=delivery.seq,  # type: ignore[arg-type]
         url=delivery.url, status=delivery.status, created_at=delivery.created_at,

@@ -20,10 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 
@@ -424,7 +426,11 @@ class PostgresStore(PostgresDeliveries):
         """Run one writing statement (its own transaction, in autocommit mode) to its end even
         if the caller is cancelled meanwhile, as SQLite's queued writes are; then wake the feed's
         reader, so this node's streams hear of the change without waiting for the NOTIFY."""
-        task = asyncio.ensure_future(self._run(sql, params))
+        return await self._shielded(self._run(sql, params))
+
+    async def _shielded(self, write: Awaitable[T]) -> T:
+        """Await `write`, which runs to its end even if the caller is cancelled (close() waits for it)."""
+        task = asyncio.ensure_future(write)
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
         return await asyncio.shield(task)
@@ -523,14 +529,10 @@ class PostgresStore(PostgresDeliveries):
                         cursor = await conn.execute(CREATE_JOB, params)
                     row = await cursor.fetchone()
             assert row is not None
+            self._wake.set()
             return row
 
-        task = asyncio.ensure_future(create())
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-        result = await asyncio.shield(task)
-        self._wake.set()
-        return result
+        return await self._shielded(create())
 
     async def idempotency_key_job(self, key: str, owner: str | None) -> str | None:
         row = await self._fetch_one(IDEMPOTENCY_KEY, (owner or "", key))
